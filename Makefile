@@ -1,0 +1,43 @@
+# Set-up and everyday commands. Every target creates .venv on first use and
+# installs through constraints.txt, which pins the CPU build of torch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt | cksum | cut -d' ' -f1)
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test test-fast lint docs bench clean
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel -c constraints.txt
+	$(PIP) install --quiet -c constraints.txt torch
+	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pyro_genext.demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check pyro_genext tests tutorials benchmarks
+	$(BIN)/mypy pyro_genext
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+bench: $(STAMP)
+	$(PIP) install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) docs/_build build *.egg-info

@@ -1,0 +1,47 @@
+"""Stateless element-wise maps used inside couplings.
+
+Each map takes the transformed part ``x_B``, the conditioner's parameters (already split)
+and a direction, and returns the mapped part and the element-wise log-scale (``None`` for
+volume-preserving maps). The log-scale is that of the *forward* map in both directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["soft_clamp", "additive", "affine", "NUM_PARAMS"]
+
+NUM_PARAMS = {"additive": 1, "affine": 2}
+
+
+def soft_clamp(s: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """``bound * tanh(s / bound)``: the identity near zero, smooth, bounded in
+    ``(-bound, bound)``. ``bound=None`` leaves ``s`` unbounded."""
+    if bound is None:
+        return s
+    return bound * torch.tanh(s / bound)
+
+
+def additive(
+    x: torch.Tensor, params: Sequence[torch.Tensor], inverse: bool, bound: float | None = None
+) -> tuple[torch.Tensor, None]:
+    """NICE's additive map ``y = x + t`` (inverse ``x = y - t``); log|det J| = 0."""
+    (t,) = params
+    return (x - t if inverse else x + t), None
+
+
+def affine(
+    x: torch.Tensor, params: Sequence[torch.Tensor], inverse: bool, bound: float | None = 3.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RealNVP's affine map ``y = x * exp(s) + t`` with ``s = soft_clamp(s_raw, bound)``
+    (inverse ``x = (y - t) * exp(-s)``); the element-wise log|dy/dx| is ``s``."""
+    s_raw, t = params
+    s = soft_clamp(s_raw, bound)
+    if inverse:
+        return (x - t) * torch.exp(-s), s
+    return x * torch.exp(s) + t, s
+
+
+MAPS = {"additive": additive, "affine": affine}
