@@ -229,7 +229,7 @@ class ConditionalChain(ConditionalTransformModule):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         first = parts[0]
-        self.event_shape = getattr(first, "event_shape")
+        self.event_shape = first.event_shape
         self.context_dim = next(
             p.context_dim for p in parts if isinstance(p, ConditionalMaskedCoupling)
         )

@@ -129,8 +129,8 @@ class FlowTransform(Transform):
         """The memo ``(x, y, ladj, ...)`` if it holds for these tensors now, else None.
 
         The memo is valid while the tensor it was computed *from* (``x`` forward, ``y``
-        inverse) is the same object at the same version, with the same parameter versions
-        and grad mode; any other tensor given must be the very one it returned.
+        inverse) is at the same version, with the same parameter versions, grad mode and
+        training mode; every tensor given must be the very object remembered.
         """
         memo = self.__dict__.get("_memo")
         if memo is None:
@@ -138,10 +138,7 @@ class FlowTransform(Transform):
         mx, my, _, probe, key = memo
         if (x is not None and x is not mx) or (y is not None and y is not my):
             return None
-        src = mx if probe == "x" else my
-        if (probe == "x" and x is None) or (probe == "y" and y is None):
-            return None
-        if key != self._key(src):
+        if key != self._key(mx if probe == "x" else my):
             return None
         return memo
 

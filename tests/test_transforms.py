@@ -1,0 +1,219 @@
+"""One registry of every bijector and recipe, one checker (pyro_genext.testing)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+import pyro_genext as pg
+from pyro_genext.testing import check_bijector
+from pyro_genext.transforms import (
+    ActNorm,
+    AdditiveCoupling,
+    BatchNormFlow,
+    ConditionalAdditiveCoupling,
+    ConditionalRealNVPCoupling,
+    DiagonalScaling,
+    MaskedCoupling,
+    RealNVPCoupling,
+    Squeeze,
+    alternating_mask,
+    channel_mask,
+    checkerboard_mask,
+    half_mask,
+)
+
+SMALL = dict(hidden_dims=(16,))
+CONV = dict(hidden_channels=6, num_blocks=1)
+
+# (name, factory): every bijector and recipe, at sizes where the autograd Jacobian is cheap
+REGISTRY = [
+    ("additive_half", partial(AdditiveCoupling, half_mask(6), **SMALL)),
+    ("additive_half_flipped_odd", partial(AdditiveCoupling, half_mask(7, 1), **SMALL)),
+    ("additive_alternating", partial(AdditiveCoupling, alternating_mask(7), **SMALL)),
+    ("additive_checkerboard", partial(AdditiveCoupling, checkerboard_mask((1, 8, 8)), **CONV)),
+    ("realnvp_half", partial(RealNVPCoupling, half_mask(5), **SMALL)),
+    ("realnvp_half_flipped", partial(RealNVPCoupling, half_mask(12, 1), **SMALL)),
+    ("realnvp_alternating", partial(RealNVPCoupling, alternating_mask(6, 1), **SMALL)),
+    ("realnvp_unbounded", partial(RealNVPCoupling, half_mask(4), scale_bound=None, **SMALL)),
+    ("realnvp_checkerboard_1x8x8", partial(RealNVPCoupling, checkerboard_mask((1, 8, 8)), **CONV)),
+    ("realnvp_checkerboard_2x8x8", partial(RealNVPCoupling, checkerboard_mask((2, 8, 8), 1), **CONV)),
+    ("realnvp_channel_2x8x8", partial(RealNVPCoupling, channel_mask((2, 8, 8)), **CONV)),
+    ("realnvp_channel_3x4x4_flipped", partial(RealNVPCoupling, channel_mask((3, 4, 4), 1), **CONV)),
+    ("realnvp_channel_interleaved",
+     partial(RealNVPCoupling, torch.tensor([1.0, 0.0, 1.0, 0.0])[:, None, None].expand(4, 2, 2),
+             **CONV)),
+    ("diagonal_scaling_vector", partial(DiagonalScaling, 5)),
+    ("diagonal_scaling_image", partial(DiagonalScaling, (2, 4, 4))),
+    ("squeeze_2x8x8", partial(Squeeze, (2, 8, 8))),
+    ("squeeze_1x2x4", partial(Squeeze, (1, 2, 4))),
+    ("actnorm_vector", partial(ActNorm, 6)),
+    ("actnorm_image", partial(ActNorm, (2, 8, 8))),
+    ("batchnorm_vector", partial(BatchNormFlow, 6)),
+    ("batchnorm_image", partial(BatchNormFlow, (2, 4, 4))),
+    ("nice", partial(pg.nice, 8, **SMALL)),
+    ("nice_paper_masks", partial(pg.nice, 7, num_layers=4, mask="alternating", **SMALL)),
+    ("realnvp_vector", partial(pg.realnvp, 6, num_layers=4, **SMALL)),
+    ("realnvp_vector_actnorm", partial(pg.realnvp, (12,), num_layers=3, norm="actnorm", **SMALL)),
+    ("realnvp_vector_batchnorm",
+     partial(pg.realnvp, 5, num_layers=2, norm="batchnorm", mask="alternating", **SMALL)),
+    ("realnvp_multiscale_1x8x8", partial(pg.realnvp, (1, 8, 8), **CONV)),
+    ("realnvp_multiscale_2x8x8", partial(pg.realnvp, (2, 8, 8), **CONV)),
+    ("realnvp_multiscale_batchnorm", partial(pg.realnvp, (1, 8, 8), norm="batchnorm", **CONV)),
+    ("realnvp_one_scale", partial(pg.realnvp, (1, 4, 4), num_scales=1, norm=None, **CONV)),
+]
+
+CONDITIONAL_REGISTRY = [
+    ("cond_additive_coupling", partial(ConditionalAdditiveCoupling, half_mask(6), 3, **SMALL), 3),
+    ("cond_realnvp_coupling", partial(ConditionalRealNVPCoupling, alternating_mask(5), 2, **SMALL),
+     2),
+    ("cond_realnvp_checkerboard",
+     partial(ConditionalRealNVPCoupling, checkerboard_mask((1, 4, 4)), 2, **CONV), 2),
+    ("conditional_nice", partial(pg.conditional_nice, 6, 3, **SMALL), 3),
+    ("conditional_realnvp", partial(pg.conditional_realnvp, 6, 4, num_layers=3, **SMALL), 4),
+    ("conditional_realnvp_actnorm",
+     partial(pg.conditional_realnvp, 4, 2, num_layers=2, norm="actnorm", **SMALL), 2),
+]
+
+
+@pytest.mark.parametrize("name,factory", REGISTRY, ids=[r[0] for r in REGISTRY])
+def test_bijector(name, factory):
+    check_bijector(factory)
+
+
+@pytest.mark.parametrize(
+    "name,factory,context_dim", CONDITIONAL_REGISTRY, ids=[r[0] for r in CONDITIONAL_REGISTRY]
+)
+def test_conditional_bijector(name, factory, context_dim):
+    check_bijector(factory, context_dim=context_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_float64(dtype):
+    flow = pg.realnvp((1, 8, 8), **CONV).to(dtype)
+    x = torch.rand(3, 1, 8, 8, dtype=dtype)
+    z = flow.inv(x)
+    assert z.dtype == dtype
+    assert flow.log_abs_det_jacobian(z, x).dtype == dtype
+    assert torch.allclose(flow(z), x, atol=1e-5 if dtype == torch.float32 else 1e-10)
+
+
+def test_checker_catches_a_wrong_log_det():
+    class Wrong(DiagonalScaling):
+        def _forward_and_ladj(self, x):
+            y, ladj = super()._forward_and_ladj(x)
+            return y, 2 * ladj
+
+    with pytest.raises(AssertionError, match="log\\|det J\\|"):
+        check_bijector(partial(Wrong, 3))
+
+
+def test_checker_catches_a_broken_inverse():
+    class Broken(DiagonalScaling):
+        def _inverse_and_ladj(self, y):
+            x, ladj = super()._inverse_and_ladj(y)
+            return x + 1e-3, ladj
+
+    with pytest.raises(AssertionError, match="round trip"):
+        check_bijector(partial(Broken, 3))
+
+
+# ---------------------------------------------------------------- bad input
+def test_wrong_event_shape_names_expected_and_given():
+    flow = pg.realnvp((1, 8, 8), **CONV)
+    with pytest.raises(ValueError, match=r"\(1, 8, 8\).*\(4, 8, 8\)"):
+        flow.inv(torch.zeros(4, 8, 8))
+
+
+def test_squeeze_needs_even_sizes():
+    with pytest.raises(ValueError, match=r"H and W even, got \(1, 7, 8\)"):
+        Squeeze((1, 7, 8))
+
+
+def test_mask_of_wrong_shape_or_values():
+    with pytest.raises(ValueError, match=r"\(D,\) or \(C, H, W\), got shape \(8, 8\)"):
+        RealNVPCoupling(torch.ones(8, 8))
+    with pytest.raises(ValueError, match="binary"):
+        RealNVPCoupling(torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="both"):
+        RealNVPCoupling(torch.ones(4))
+
+
+def test_conditioner_of_wrong_size_is_named():
+    t = MaskedCoupling(half_mask(4), conditioner=torch.nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="conditioner returned shape"):
+        t(torch.zeros(4))
+
+
+def test_recipe_argument_errors():
+    with pytest.raises(ValueError, match="input_dim >= 2"):
+        pg.realnvp(1)
+    with pytest.raises(ValueError, match="cannot be squeezed"):
+        pg.realnvp((1, 6, 6), num_scales=3)
+    with pytest.raises(ValueError, match="norm"):
+        pg.realnvp(4, norm="layernorm")
+    with pytest.raises(ValueError, match="mask"):
+        pg.nice(4, mask="random")
+
+
+# ---------------------------------------------------------------- structure
+def test_couplings_start_as_identity():
+    for flow, x in [(pg.realnvp(6), torch.randn(5, 6)), (pg.nice(6), torch.randn(5, 6)),
+                    (pg.realnvp((1, 8, 8), norm=None, **CONV), torch.randn(5, 1, 8, 8))]:
+        assert torch.allclose(flow(x), x, atol=1e-6)
+        assert torch.allclose(flow.log_abs_det_jacobian(x, flow(x)), torch.zeros(5))
+
+
+def test_stacks_alternate_the_transformed_half():
+    flow = pg.realnvp(6, num_layers=2)
+    masks = [p.mask for p in flow.parts]
+    assert torch.equal(masks[0], 1 - masks[1])
+
+
+def test_vector_halves_take_the_slicing_path():
+    assert RealNVPCoupling(half_mask(784)).mode == "slice"
+    assert RealNVPCoupling(half_mask(784, 1)).mode == "slice"
+    assert RealNVPCoupling(channel_mask((4, 2, 2))).mode == "slice"
+    assert RealNVPCoupling(alternating_mask(6)).mode == "index"
+    assert RealNVPCoupling(checkerboard_mask((1, 4, 4))).mode == "mask"
+
+
+@pytest.mark.parametrize("shape,scales", [((1, 8, 8), 3), ((1, 28, 28), 3), ((3, 6, 6), 2)])
+def test_multiscale_default_scales(shape, scales):
+    flow = pg.realnvp(shape, hidden_channels=4, num_blocks=1)
+    depth, t = 1, flow
+    while isinstance(t, pg.transforms.MultiScale):
+        t = t.inner
+        depth += 1
+    assert depth == scales
+    x = torch.rand((2,) + shape)
+    assert flow.inv(x).shape == x.shape
+
+
+def test_multiscale_factors_out_half_the_channels():
+    """Factored-out latents do not depend on what happens at the inner scales."""
+    flow = pg.realnvp((1, 8, 8), **CONV).eval()
+    from pyro_genext.testing import perturb_parameters
+    from pyro_genext.transforms.squeeze import squeeze
+
+    perturb_parameters(flow, 0.1)
+    x = torch.rand(2, 1, 8, 8)
+    z = flow.inv(x)
+    with torch.no_grad():
+        for p in flow.inner.parameters():
+            p.add_(0.3)
+    z2 = flow.inv(x)
+    kept = slice(0, 2)  # first 2C channels of the squeezed latent are factored out
+    assert torch.allclose(squeeze(z)[:, kept], squeeze(z2)[:, kept])
+    assert not torch.allclose(squeeze(z)[:, 2:], squeeze(z2)[:, 2:])
+
+
+def test_scale_bound_limits_each_layer():
+    t = RealNVPCoupling(half_mask(2), scale_bound=2.0, **SMALL)
+    with torch.no_grad():
+        t.conditioner.net[-1].bias.fill_(100.0)
+    x = torch.randn(4, 2)
+    ladj = t.log_abs_det_jacobian(x, t(x))
+    assert (ladj <= 2.0).all() and (ladj > 1.99).all()
