@@ -255,11 +255,9 @@ def find_files(
         except OSError as error:
             attempts = "\n".join(f"  - {line}" for line in str(error).splitlines())
 
-    looked = "\n".join(f"  - {label}: {folder}" for label, folder in places)
-    if root is None:
-        looked = "  - root= argument: not given\n" + looked
-    if not os.environ.get(DATA_ENV):
-        looked += f"\n  - ${DATA_ENV}: not set"
+    unset = [] if root is not None else [("root= argument", "not given")]
+    unset += [] if os.environ.get(DATA_ENV) else [(f"${DATA_ENV}", "not set")]
+    looked = "\n".join(f"  - {label}: {where}" for label, where in [*unset, *places])
     fixes = ["pass root=FOLDER holding the files", f"set {DATA_ENV}=FOLDER"]
     if source.system_hint:
         fixes.insert(0, source.system_hint)
