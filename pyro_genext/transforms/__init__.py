@@ -39,3 +39,7 @@ __all__ = [
     "half_mask",
     "sum_rightmost",
 ]
+
+from .preprocess import AlphaSigmoid, LevelScaling, LogitPreprocess  # noqa: E402
+
+__all__ += ["AlphaSigmoid", "LevelScaling", "LogitPreprocess"]
