@@ -2,6 +2,10 @@ import pyro
 import pytest
 import torch
 
+# The suite's models are tiny: one thread is fastest, and on a shared 2-core machine more
+# threads oversubscribe the cores and run 10-20x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():

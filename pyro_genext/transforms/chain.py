@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.distributions import constraints
 
 from .base import Bijector, FlowTransform
 from .squeeze import squeeze, unsqueeze
@@ -52,6 +53,14 @@ class Chain(Bijector):
     @property
     def codomain_event_shape(self) -> tuple[int, ...]:
         return self._out_shape
+
+    @property
+    def domain(self) -> constraints.Constraint:  # type: ignore[override]
+        return self._parts[0].domain
+
+    @property
+    def codomain(self) -> constraints.Constraint:  # type: ignore[override]
+        return self._parts[-1].codomain
 
     @property
     def sign(self) -> int:
