@@ -60,14 +60,14 @@ def _vector_parts(
     dim: int,
     num_layers: int,
     mask: str,
-    make: Callable[[torch.Tensor], FlowTransform],
+    make: Callable[[torch.Tensor], Any],
     norm: str | None,
-) -> list[FlowTransform]:
+) -> list[Any]:
     if mask not in _VECTOR_MASKS:
         raise ValueError(f"expected mask in {sorted(_VECTOR_MASKS)}, got {mask!r}")
     if num_layers < 1:
         raise ValueError(f"expected num_layers >= 1, got {num_layers}")
-    parts: list[FlowTransform] = []
+    parts: list[Any] = []
     for k in range(num_layers):
         parts.append(make(_VECTOR_MASKS[mask](dim, k)))
         layer = _norm_layer(norm, (dim,))
@@ -239,10 +239,11 @@ class ConditionalChain(ConditionalTransformModule):
             raise ValueError(
                 f"expected a context of shape (..., {self.context_dim}), got {tuple(context.shape)}"
             )
-        return Chain(
-            [p.condition(context) if isinstance(p, ConditionalTransformModule) else p
-             for p in self.parts]
-        )
+        parts: list[Any] = [
+            p.condition(context) if isinstance(p, ConditionalTransformModule) else p
+            for p in self.parts
+        ]
+        return Chain(parts)
 
 
 def conditional_nice(
@@ -259,7 +260,7 @@ def conditional_nice(
     parts: list[Any] = [DiagonalScaling(d)] if scaling else []
     parts += _vector_parts(
         d, num_layers, mask,
-        lambda m: ConditionalMaskedCoupling(  # type: ignore[return-value]
+        lambda m: ConditionalMaskedCoupling(
             m, context_dim, elementwise="additive", hidden_dims=hidden_dims
         ),
         None,
@@ -281,7 +282,7 @@ def conditional_realnvp(
     d = _vector_dim(input_dim)
     parts = _vector_parts(
         d, num_layers, mask,
-        lambda m: ConditionalMaskedCoupling(  # type: ignore[return-value]
+        lambda m: ConditionalMaskedCoupling(
             m, context_dim, elementwise="affine", hidden_dims=hidden_dims,
             scale_bound=scale_bound,
         ),

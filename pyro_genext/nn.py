@@ -110,7 +110,7 @@ class ConvResNet(nn.Module):
         self.blocks = nn.Sequential(*[_ResBlock(hidden_channels) for _ in range(num_blocks)])
         self.out = nn.Conv2d(hidden_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is not None:

@@ -76,7 +76,7 @@ def perturb_parameters(module: Any, scale: float = 0.05, seed: int = 0) -> None:
 
 
 def _event_shapes(t: Transform) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    ev = tuple(t.event_shape)
+    ev = tuple(t.event_shape)  # type: ignore[attr-defined]
     out = tuple(getattr(t, "codomain_event_shape", ev))
     return ev, out
 

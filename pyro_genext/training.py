@@ -36,6 +36,7 @@ from .data import DATASETS, Dataset, load_dataset
 from .flows import nice, realnvp
 from .metrics import bits_per_dim
 from .models import FlowDensity
+from .transforms import Bijector
 
 __all__ = [
     "MODELS",
@@ -112,6 +113,9 @@ def build_density(cfg: TrainConfig, data: Dataset) -> FlowDensity:
     """The flow and density model a configuration describes, for this data's shape."""
     shape = tuple(data.event_shape)
     flat = (math.prod(shape),)
+    flow: Bijector
+    event_shape: tuple[int, ...]
+    base: Any
     if cfg.model == "nice":
         flow = nice(
             flat[0],

@@ -86,6 +86,11 @@ class MaskedCoupling(Bijector):
     Sohl-Dickstein, Bengio (2016), Density estimation using Real NVP, arXiv:1605.08803.
     """
 
+    mask: torch.Tensor
+    a_idx: torch.Tensor
+    b_idx: torch.Tensor
+    perm: torch.Tensor
+
     def __init__(
         self,
         mask: torch.Tensor,

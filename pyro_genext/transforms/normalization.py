@@ -61,6 +61,8 @@ class ActNorm(_PerChannel):
     Reference: Kingma, Dhariwal (2018), Glow, arXiv:1807.03039.
     """
 
+    initialized: torch.Tensor
+
     def __init__(self, event_shape: int | tuple[int, ...], cache_size: int = 0) -> None:
         super().__init__(event_shape, cache_size=cache_size)
         self.log_scale = nn.Parameter(torch.zeros(self._pshape))
@@ -122,6 +124,9 @@ class BatchNormFlow(_PerChannel):
 
     Reference: Dinh, Sohl-Dickstein, Bengio (2016), arXiv:1605.08803, section 3.7.
     """
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(
         self,
