@@ -45,23 +45,27 @@ NUM_BATCHES = 4  # distinct data tensors, used in turn (see _run_config)
 
 
 # ---------------------------------------------------------------------------- timing
-def _time_per_call(fn: Callable[[], None], calls: int) -> float:
+Clock = Callable[[], float]
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_per_call(fn: Callable[[], None], calls: int, clock: Clock) -> float:
     """Mean seconds per call of ``fn()`` over ``calls`` back-to-back calls, GC paused."""
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             fn()
-        return (time.perf_counter() - start) / calls
+        return (clock() - start) / calls
     finally:
         if gc_was_on:
             gc.enable()
 
 
-def _calls_for(fn: Callable[[], None], min_time: float) -> int:
+def _calls_for(fn: Callable[[], None], min_time: float, clock: Clock) -> int:
     """How many calls of ``fn`` last about ``min_time`` seconds."""
-    once = min(_time_per_call(fn, 1) for _ in range(2))
+    once = min(_time_per_call(fn, 1, clock) for _ in range(2))
     return max(1, math.ceil(min_time / max(once, 1e-9)))
 
 
@@ -70,11 +74,16 @@ def _summary(ms: Sequence[float]) -> dict[str, Any]:
         q1 = med = q3 = ms[0]
     else:
         q1, med, q3 = statistics.quantiles(ms, n=4, method="inclusive")
-    return {"median_ms": med, "iqr_ms": q3 - q1, "samples_ms": list(ms)}
+    return {"median_ms": med, "iqr_ms": q3 - q1, "min_ms": min(ms), "samples_ms": list(ms)}
 
 
 def _run_config(
-    cfg: Config, names: Sequence[str], repeats: int, min_time: float, warmup: int
+    cfg: Config,
+    names: Sequence[str],
+    repeats: int,
+    min_time: float,
+    warmup: int,
+    clock: Clock,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     contenders: list[Contender] = []
     notes: list[str] = []
@@ -100,14 +109,15 @@ def _run_config(
         for task, fn in runs[c.name].items():
             for _ in range(warmup):
                 fn()
-            calls[c.name, task] = _calls_for(fn, min_time)
+            calls[c.name, task] = _calls_for(fn, min_time, clock)
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
     for r in range(repeats):
         k = r % len(contenders)
         for c in contenders[k:] + contenders[:k]:
             for task, fn in runs[c.name].items():
-                times[c.name, task].append(1e3 * _time_per_call(fn, calls[c.name, task]))
+                seconds = _time_per_call(fn, calls[c.name, task], clock)
+                times[c.name, task].append(1e3 * seconds)
 
     rows = []
     for c in contenders:
@@ -213,6 +223,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds each timing lasts at least (default 0.25)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time (default); cpu: CPU time of this process, which "
+                        "other processes on a busy machine disturb less (use with --threads 1: "
+                        "with more threads it adds up the time of all of them)")
     p.add_argument("--impls", default=",".join(BUILDERS),
                    help=f"implementations to run, from {','.join(BUILDERS)}")
     p.add_argument("--validate", action="store_true",
@@ -256,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"torch threads: {args.threads}, python {machine['python']}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
     print(f"load average at start: {', '.join(f'{v:.2f}' for v in machine['loadavg_start'])}")
-    print(f"repeats: {args.repeats}, each timing >= {args.min_time} s, interleaved\n")
+    print(f"clock: {args.clock}; repeats: {args.repeats}, each timing >= {args.min_time} s, "
+          f"interleaved; validation {'on' if args.validate else 'off'}\n")
 
     results: list[dict[str, Any]] = []
     notes: list[str] = []
@@ -268,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = Config(flow, dim, width, args.batch)
                 gc.collect()
                 rows, cfg_notes = _run_config(
-                    cfg, args.impls, args.repeats, args.min_time, args.warmup
+                    cfg, args.impls, args.repeats, args.min_time, args.warmup, CLOCKS[args.clock]
                 )
                 results += rows
                 notes += cfg_notes
