@@ -118,6 +118,17 @@ class MultiScale(Bijector):
 
     Cost: one pass through every coupling in either direction.
 
+    Example (what :func:`~pyro_genext.realnvp` builds for two scales)::
+
+        >>> from pyro_genext.transforms import RealNVPCoupling, checkerboard_mask, channel_mask
+        >>> kw = dict(hidden_channels=8, num_blocks=1)
+        >>> cb = Chain([RealNVPCoupling(checkerboard_mask((1, 4, 4), k), **kw) for k in range(3)])
+        >>> ch = Chain([RealNVPCoupling(channel_mask((4, 2, 2), k), **kw) for k in range(3)])
+        >>> last = Chain([RealNVPCoupling(checkerboard_mask((2, 2, 2), k), **kw) for k in range(4)])
+        >>> flow = MultiScale(cb, ch, last)
+        >>> flow.inv(torch.rand(5, 1, 4, 4)).shape
+        torch.Size([5, 1, 4, 4])
+
     Reference: Dinh, Sohl-Dickstein, Bengio (2016), arXiv:1605.08803, section 3.6.
     """
 
