@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pyro_genext.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps", default="1500")
-    p.add_argument("--threads", default="2")
+    p.add_argument("--threads", default="1", help="torch CPU threads (1 is fastest for this small model)")
     args = p.parse_args(argv)
     train = ["train", "realnvp", "--data", "digits", "--steps", args.steps, "--hidden", "32",
              "--num-blocks", "1", "--threads", args.threads, "--out", args.out]
