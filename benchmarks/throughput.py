@@ -92,7 +92,7 @@ def _run_config(
         try:
             contenders.append(BUILDERS[name](cfg))
         except Unavailable as why:
-            notes.append(f"{name}: skipped for {cfg.label()}: {why}")
+            notes.append(f"{name}: skipped for {cfg.flow}: {why}")
     # Several distinct data tensors, used in turn: Pyro's AffineCoupling caches its last
     # inverse by tensor identity and fails on the second step if it is fed the same
     # tensor again (see benchmarks/README.md).
@@ -129,7 +129,7 @@ def _run_config(
             "sample": {**_summary(times[c.name, "sample"]), "calls": calls[c.name, "sample"]},
         })
         if c.note:
-            notes.append(f"{c.name}, {cfg.label()}: {c.note}")
+            notes.append(f"{c.name} ({cfg.flow}): {c.note}")
     return rows, notes
 
 
