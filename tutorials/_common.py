@@ -9,7 +9,9 @@ Every tutorial takes the same flags:
 * ``--steps N``: training steps, overriding the mode's default;
 * ``--seed S``: seeds the data split, the initialisation and the training noise;
 * ``--json``: also write the printed numbers to ``DIR/results.json``;
-* ``--threads T``: torch's CPU threads (default 1 with ``--smoke``, else 2);
+* ``--threads T``: torch's CPU threads (default 1: these models are small, and on a
+  shared machine more threads oversubscribe the cores; on a shared 2-core machine the
+  NICE tutorial ran 14 times slower with 2 threads than with 1);
 * ``--data``: which data set (or sets).
 """
 
@@ -44,8 +46,7 @@ def parser(name: str, doc: str, data: Sequence[str], default: str | Sequence[str
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the mode's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="also write the numbers to OUT/results.json")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1 with --smoke, else 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     if isinstance(default, str):
         p.add_argument("--data", choices=list(data), default=default,
                        help=f"data set (default {default})")
@@ -61,7 +62,7 @@ def setup(args: argparse.Namespace, smoke_steps: int, full_steps: int) -> argpar
         args.steps = smoke_steps if args.smoke else full_steps
     if args.steps < 1:
         raise SystemExit(f"expected --steps >= 1, got {args.steps}")
-    torch.set_num_threads(args.threads or (1 if args.smoke else 2))
+    torch.set_num_threads(args.threads)
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
     args.out.mkdir(parents=True, exist_ok=True)
