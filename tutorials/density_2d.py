@@ -29,10 +29,19 @@ Read tutorials/nice.py first for couplings and the SVI loop.
 # So its density is p(x) = c * p_Z(f^-1(x)): the base density, moved around without ever
 # being compressed in one place and stretched in another. One consequence: every region
 # {x : p(x) > t} is the image of a disc {z : p_Z(z) > t / c}, a single connected blob, so
-# NICE cannot make two separate peaks with a valley between them. Look at 8gaussians:
-# NICE smears its mass along a curve, while RealNVP, whose couplings can compress space
-# locally, draws the eight modes. Where the data are one bent blob (moons' halves are
-# close), both do reasonably; sharp edges (checkerboard) are hard for any smooth flow.
+# NICE cannot make two separate peaks with a valley between them. RealNVP's couplings
+# scale space by exp(s(x1)), differently in different places, and can.
+#
+# What to look for in densities.png:
+# * moons, spirals, checkerboard: NICE bends and shears its one blob along the data
+#   (checkerboard shows the shears as stripes); RealNVP follows the data more closely.
+# * 8gaussians, rings: NICE stays the Gaussian it starts as. Every coupling starts as the
+#   identity (its last layer is zero), and for data symmetric under x2 -> -x2 the
+#   likelihood gradient of a shift t(x1) is proportional to E[x2 h(x1)] = 0 there (h the
+#   network's last hidden layer): a stationary point, which minibatch noise alone does
+#   not leave. RealNVP's scale s(x1) gets a non-zero gradient whenever the spread of x2
+#   depends on x1, as it does here, so RealNVP moves away (and on 8gaussians finds the
+#   eight modes; the rings are harder).
 # ---------------------------------------------------------------------------------------
 
 from __future__ import annotations
