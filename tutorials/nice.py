@@ -128,8 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     # svi.step(x) runs model and guide, differentiates, takes one optimiser step on every
     # parameter registered with pyro.param (model() registers the flow's), and returns the
     # loss, -ELBO, in nats summed over the batch.
-    # ClippedAdam is Adam with the gradient norm clipped (clip_norm), a cheap insurance
-    # against a rare huge gradient early in training.
+    # ClippedAdam is Adam that first clamps every gradient *element* to
+    # [-clip_norm, clip_norm] (despite its name, not the norm), a cheap insurance against
+    # a rare huge gradient; it can also decay the learning rate (lrd, off here).
     optim = pyro.optim.ClippedAdam({"lr": cfg["lr"], "clip_norm": 10.0})
     svi = SVI(density.model, density.guide, optim, Trace_ELBO())
 
