@@ -93,6 +93,8 @@ def _run_config(
             contenders.append(BUILDERS[name](cfg))
         except Unavailable as why:
             notes.append(f"{name}: skipped for {cfg.flow}: {why}")
+    if not contenders:
+        return [], notes
     # Several distinct data tensors, used in turn: Pyro's AffineCoupling caches its last
     # inverse by tensor identity and fails on the second step if it is fed the same
     # tensor again (see benchmarks/README.md).
@@ -287,6 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 results += rows
                 notes += cfg_notes
+                if not rows:
+                    continue
                 print(f"## {flow}: {cfg.layers} couplings, D={dim}, width {width}\n")
                 print(_table(rows))
                 verdict = _verdict(rows)
