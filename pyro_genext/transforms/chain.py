@@ -4,12 +4,14 @@ architecture with factor-out."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributions import constraints
 
 from .base import Bijector, FlowTransform
+from .coupling import MaskedCoupling
 from .squeeze import squeeze, unsqueeze
 
 __all__ = ["Chain", "MultiScale"]
@@ -49,6 +51,53 @@ class Chain(Bijector):
         self.parts = nn.ModuleList([p for p in parts if isinstance(p, nn.Module)])
         self._parts = parts
         self._out_shape = parts[-1].codomain_event_shape
+        self._plan = self._make_plan(parts)
+
+    @staticmethod
+    def _make_plan(parts: list[FlowTransform]) -> list[Any]:
+        """Group consecutive slice-mode couplings that split at the same point into runs:
+        a run splits its input once, passes the two halves from coupling to coupling and
+        joins them once, instead of a split and a cat per coupling."""
+        plan: list[Any] = []
+        for p in parts:
+            halves = getattr(p, "halves", None) if isinstance(p, MaskedCoupling) else None
+            if halves is not None and plan and isinstance(plan[-1], list) and \
+                    plan[-1][0].halves == halves:
+                plan[-1].append(p)
+            elif halves is not None:
+                plan.append([p])
+            else:
+                plan.append(p)
+        return [run[0] if isinstance(run, list) and len(run) == 1 else run for run in plan]
+
+    @staticmethod
+    def _run(
+        run: list[MaskedCoupling], x: torch.Tensor, inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        axis, at = run[0].halves  # type: ignore[misc]
+        lo, hi = x.split((at, x.shape[axis] - at), dim=axis)
+        total: torch.Tensor | None = None
+        for c in reversed(run) if inverse else run:
+            lo, hi, ladj = c._couple_halves(lo, hi, inverse)
+            if ladj is not None:
+                total = ladj if total is None else total + ladj
+        return torch.cat([lo, hi], dim=axis), total
+
+    def _apply_plan(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        total: torch.Tensor | None = None
+        for step in reversed(self._plan) if inverse else self._plan:
+            if isinstance(step, list):
+                x, ladj = self._run(step, x, inverse)
+            elif inverse:
+                x, ladj = step._inverse_and_ladj(x)
+            else:
+                x, ladj = step._forward_and_ladj(x)
+            if ladj is not None:
+                total = ladj if total is None else total + ladj
+        if total is None:
+            total = x.new_zeros(x.shape[: x.dim() - len(self._out_shape if not inverse else
+                                                          self.event_shape)])
+        return x, total
 
     @property
     def codomain_event_shape(self) -> tuple[int, ...]:
@@ -70,20 +119,10 @@ class Chain(Bijector):
         return s
 
     def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total: torch.Tensor | None = None
-        for p in self._parts:
-            x, ladj = p._forward_and_ladj(x)
-            total = ladj if total is None else total + ladj
-        assert total is not None
-        return x, total
+        return self._apply_plan(x, inverse=False)
 
     def _inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total: torch.Tensor | None = None
-        for p in reversed(self._parts):
-            y, ladj = p._inverse_and_ladj(y)
-            total = ladj if total is None else total + ladj
-        assert total is not None
-        return y, total
+        return self._apply_plan(y, inverse=True)
 
     def _state_tensors(self) -> Iterable[torch.Tensor]:
         for p in self._parts:

@@ -132,6 +132,7 @@ class MaskedCoupling(Bijector):
             line = None
         self.mode = "mask"
         self._axis = -1 if ed == 1 else -3
+        self.halves: tuple[int, int] | None = None
         if line is not None:
             a_idx = torch.nonzero(line, as_tuple=True)[0]
             b_idx = torch.nonzero(line == 0, as_tuple=True)[0]
@@ -139,6 +140,9 @@ class MaskedCoupling(Bijector):
             if _contiguous(a_idx) and _contiguous(b_idx):
                 self.mode = "slice"
                 self._a_first = bool(a_idx[0] == 0)
+                # (axis, size of the leading block): couplings that share it can be run on
+                # the two halves directly, see Chain
+                self.halves = (self._axis, self._na if self._a_first else self._nb)
             else:
                 self.mode = "index"
                 self.register_buffer("a_idx", a_idx, persistent=False)
@@ -166,10 +170,12 @@ class MaskedCoupling(Bijector):
     # ---------------------------------------------------------------- hot path
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ax = self._axis
-        if self.mode == "slice":
+        if self.mode == "slice":  # split's backward is one cat, two narrows' are two scatters
             if self._a_first:
-                return x.narrow(ax, 0, self._na), x.narrow(ax, self._na, self._nb)
-            return x.narrow(ax, self._nb, self._na), x.narrow(ax, 0, self._nb)
+                xa, xb = x.split((self._na, self._nb), dim=ax)
+                return xa, xb
+            xb, xa = x.split((self._nb, self._na), dim=ax)
+            return xa, xb
         return x.index_select(ax, self.a_idx), x.index_select(ax, self.b_idx)
 
     def _join(self, xa: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -213,6 +219,17 @@ class MaskedCoupling(Bijector):
         if ladj is None:
             ladj = y.new_zeros(y.shape[: y.dim() - ed])
         return y, ladj
+
+    def _couple_halves(
+        self, lo: torch.Tensor, hi: torch.Tensor, inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The coupling on an input already split at :attr:`halves` (slice mode, no
+        context): returns the two output halves and the log-det (``None`` if zero)."""
+        a, b = (lo, hi) if self._a_first else (hi, lo)
+        params = self._params(a, None, self._nb)
+        yb, s = MAPS[self.elementwise](b, params, inverse, self.scale_bound)
+        ladj = None if s is None else sum_rightmost(s, self._event_dim)
+        return (lo, yb, ladj) if self._a_first else (yb, hi, ladj)
 
     def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._couple(x, None, inverse=False)
