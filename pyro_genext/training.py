@@ -240,7 +240,8 @@ def train(
             raise CheckpointError(f"--resume: no checkpoint to resume from in {out}")
         state = load_checkpoint(out / "last.pt")
         saved = dict(state["config"])
-        for key in ("model", "data", "batch_size", "seed", "num_layers", "hidden", "num_blocks", "base"):
+        for key in ("model", "data", "batch_size", "seed", "num_layers", "hidden", "num_blocks", "base",
+                    "lr", "clip_norm"):
             if saved.get(key) != getattr(cfg, key):
                 raise ValueError(
                     f"--resume: {key} differs from the checkpoint ({getattr(cfg, key)!r} vs "

@@ -152,3 +152,11 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         training.save_checkpoint(path, {"v": 2})
     assert torch.load(path, weights_only=False)["v"] == 1  # the old checkpoint survives
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_resume_refuses_different_settings(tmp_path, capsys):
+    out = tmp_path / "r"
+    common = ["train", "nice", "--data", "moons", "--out", str(out), *SMALL]
+    assert main([*common, "--steps", "3"]) == 0
+    assert main([*common, "--steps", "6", "--resume", "--lr", "0.01"]) == 1
+    assert "lr differs from the checkpoint" in capsys.readouterr().err
