@@ -35,13 +35,14 @@ Read tutorials/nice.py first for couplings and the SVI loop.
 # What to look for in densities.png:
 # * moons, spirals, checkerboard: NICE bends and shears its one blob along the data
 #   (checkerboard shows the shears as stripes); RealNVP follows the data more closely.
-# * 8gaussians, rings: NICE stays the Gaussian it starts as. Every coupling starts as the
-#   identity (its last layer is zero), and for data symmetric under x2 -> -x2 the
-#   likelihood gradient of a shift t(x1) is proportional to E[x2 h(x1)] = 0 there (h the
-#   network's last hidden layer): a stationary point, which minibatch noise alone does
-#   not leave. RealNVP's scale s(x1) gets a non-zero gradient whenever the spread of x2
-#   depends on x1, as it does here, so RealNVP moves away (and on 8gaussians finds the
-#   eight modes; the rings are harder).
+# * 8gaussians, rings: NICE starts stuck. Every coupling starts as the identity (its last
+#   layer is zero), and for data symmetric under x2 -> -x2 the likelihood gradient of a
+#   shift t(x1) is proportional to E[x2 h(x1)] = 0 there (h the network's last hidden
+#   layer): a stationary point that only minibatch noise moves it from. It may stay the
+#   Gaussian it starts as (rings, usually), or escape and fold its blob into stripes
+#   through the modes, still one connected region with mass between them (8gaussians).
+#   RealNVP's scale s(x1) gets a real gradient whenever the spread of x2 depends on x1,
+#   as it does here, so it leaves at once, and on 8gaussians it finds the eight modes.
 # ---------------------------------------------------------------------------------------
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """NICE, as the paper built it, trained with Pyro's SVI on handwritten digits.
 
-    python tutorials/nice.py                       # scikit-learn digits, 64-D, a minute or two
+    python tutorials/nice.py                       # scikit-learn digits, 64-D, about 20 s
     python tutorials/nice.py --smoke               # seconds: checks that everything runs
     python tutorials/nice.py --data fashion-mnist  # 784-D, much slower on a CPU
 
@@ -85,7 +85,7 @@ from pyro_genext.models import FlowDensity
 from pyro_genext.plots import save_samples
 from pyro_genext.training import evaluate
 
-# Settings. Full mode on digits trains for about a minute on two cores; the digits set
+# Settings. Full mode on digits trains for about 20 s on one thread; the digits set
 # is small (1438 training images), so a small conditioner generalises best.
 FULL = {
     "digits": dict(hidden=(64, 64), batch_size=64, lr=3e-3, eval_every=100, steps=4000),

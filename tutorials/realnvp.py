@@ -1,6 +1,6 @@
 """Multi-scale RealNVP on images: bits/dim, samples, and exact encoding and decoding.
 
-    python tutorials/realnvp.py                       # scikit-learn digits (1, 8, 8), a few minutes
+    python tutorials/realnvp.py                       # scikit-learn digits (1, 8, 8), about 3 minutes
     python tutorials/realnvp.py --smoke               # seconds: checks that everything runs
     python tutorials/realnvp.py --data fashion-mnist  # (1, 28, 28): hours on a CPU, mind the budget
 
@@ -20,13 +20,15 @@ arXiv:1605.08803.
 # 1. From NICE to RealNVP: the affine coupling
 #
 # NICE's coupling shifts half the coordinates, y_B = x_B + t(x_A), and preserves volume.
-# RealNVP also scales them:
+# RealNVP also scales them; the paper writes it from data x to latent y:
 #
-#     y_A = x_A,    y_B = x_B * exp(s(x_A)) + t(x_A),     log|det J| = sum_B s(x_A),
+#     y_A = x_A,    y_B = x_B * exp(s(x_A)) + t(x_A),     log|det dy/dx| = sum_B s(x_A),
 #
 # still trivially invertible (x_B = (y_B - t(y_A)) * exp(-s(y_A))) and with a triangular
-# Jacobian, but now every layer can expand or contract space where the data need it. Here
-# the log-scale is bounded, s = 3 tanh(s~ / 3), so that no single layer can blow up.
+# Jacobian, but now every layer can expand or contract space where the data need it.
+# pyro_genext scores (data -> base) with this scale-then-shift form, and samples with its
+# inverse. Here the log-scale is bounded, s = 3 tanh(s~ / 3), so that no single layer can
+# blow up.
 #
 # 2. Couplings on images: two kinds of masks
 #
