@@ -7,6 +7,8 @@ roughly zero mean and unit variance.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -73,7 +75,8 @@ class ActNorm(_PerChannel):
     def initialize(self, y: torch.Tensor) -> None:
         """Set the parameters from a batch of data ``y`` (scoring direction)."""
         dims = self._reduce_dims(y)
-        if y.dim() == len(self.event_shape) or y.numel() // max(1, y[0].numel()) < 2:
+        events = y.numel() // math.prod(self.event_shape)
+        if events < 2:
             self.initialized.fill_(True)  # a single event gives no usable statistics
             return
         mean = y.mean(dim=dims).reshape(self._pshape)
