@@ -169,6 +169,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     and synced, then renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
