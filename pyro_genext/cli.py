@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-blocks", type=_positive_int, default=2, help="ResNet blocks per conditioner")
     t.add_argument("--clip-norm", type=_positive_float, default=10.0,
                    help="clip each parameter's gradient norm to this before Adam's update")
+    t.add_argument("--scale-bound", type=_positive_float, default=3.0,
+                   help="bound of each RealNVP coupling's log-scale (default 3)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")
@@ -124,7 +126,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
         root=args.root, num_layers=args.num_layers, hidden=args.hidden,
         num_blocks=args.num_blocks, clip_norm=args.clip_norm,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, scale_bound=args.scale_bound,
     )
     try:
         cfg.validate()

@@ -80,6 +80,7 @@ class TrainConfig:
     clip_norm: float = 10.0
     checkpoint_every: int = 500
     base: str | None = None
+    scale_bound: float = 3.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the expected values, before any work."""
@@ -102,6 +103,8 @@ class TrainConfig:
                 raise ValueError(f"expected {name} >= 1, got {v}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"expected lr > 0, got {self.lr}")
+        if not (self.scale_bound > 0 and math.isfinite(self.scale_bound)):
+            raise ValueError(f"expected scale-bound > 0, got {self.scale_bound}")
         if not self.clip_norm > 0:
             raise ValueError(f"expected clip-norm > 0, got {self.clip_norm}")
         if self.base not in (None, "normal", "logistic"):
@@ -129,11 +132,13 @@ def build_density(cfg: TrainConfig, data: Dataset) -> FlowDensity:
         event_shape = flat
         base = cfg.base or ("logistic" if data.levels else "normal")
     elif len(shape) == 3:
-        flow = realnvp(shape, hidden_channels=cfg.hidden or 64, num_blocks=cfg.num_blocks)
+        flow = realnvp(shape, hidden_channels=cfg.hidden or 64, num_blocks=cfg.num_blocks,
+                       scale_bound=cfg.scale_bound)
         event_shape = shape
         base = cfg.base or "normal"
     else:
-        flow = realnvp(flat, num_layers=cfg.num_layers or 8, hidden_dims=(cfg.hidden or 256,) * 2)
+        flow = realnvp(flat, num_layers=cfg.num_layers or 8, hidden_dims=(cfg.hidden or 256,) * 2,
+                       scale_bound=cfg.scale_bound)
         event_shape = flat
         base = cfg.base or "normal"
     return FlowDensity(flow, event_shape=event_shape, levels=data.levels, base=base)
@@ -250,7 +255,7 @@ def train(
         state = load_checkpoint(out / "last.pt")
         saved = dict(state["config"])
         for key in ("model", "data", "batch_size", "seed", "num_layers", "hidden", "num_blocks", "base",
-                    "lr", "clip_norm"):
+                    "lr", "clip_norm", "scale_bound"):
             if saved.get(key) != getattr(cfg, key):
                 raise ValueError(
                     f"--resume: {key} differs from the checkpoint ({getattr(cfg, key)!r} vs "

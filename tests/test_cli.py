@@ -160,3 +160,15 @@ def test_resume_refuses_different_settings(tmp_path, capsys):
     assert main([*common, "--steps", "3"]) == 0
     assert main([*common, "--steps", "6", "--resume", "--lr", "0.01"]) == 1
     assert "lr differs from the checkpoint" in capsys.readouterr().err
+
+
+def test_scale_bound_reaches_every_coupling(tmp_path):
+    from pyro_genext.training import density_from_checkpoint, load_checkpoint
+    from pyro_genext.transforms import MaskedCoupling
+
+    out = tmp_path / "r"
+    assert main(["train", "realnvp", "--data", "moons", "--steps", "0", "--scale-bound", "1.5",
+                 "--out", str(out), *SMALL]) == 0
+    density, cfg, _ = density_from_checkpoint(load_checkpoint(out))
+    bounds = {m.scale_bound for m in density.modules() if isinstance(m, MaskedCoupling)}
+    assert cfg.scale_bound == 1.5 and bounds == {1.5}
