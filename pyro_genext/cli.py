@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-blocks", type=_positive_int, default=2, help="ResNet blocks per conditioner")
     t.add_argument("--clip-norm", type=_positive_float, default=10.0,
                    help="clip each parameter's gradient norm to this before Adam's update")
-    t.add_argument("--scale-bound", type=_positive_float, default=3.0,
-                   help="bound of each RealNVP coupling's log-scale (default 3)")
+    t.add_argument("--scale-bound", type=_positive_float, default=2.0,
+                   help="bound of each RealNVP coupling's log-scale (default 2)")
     t.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
     t.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice)")

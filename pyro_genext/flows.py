@@ -168,7 +168,7 @@ def realnvp(
     hidden_dims: Sequence[int] = (256, 256),
     mask: str = "half",
     norm: str | None = "default",
-    scale_bound: float | None = 3.0,
+    scale_bound: float | None = 2.0,
     num_scales: int | None = None,
     hidden_channels: int = 64,
     num_blocks: int = 2,
@@ -275,7 +275,7 @@ def conditional_realnvp(
     hidden_dims: Sequence[int] = (256, 256),
     mask: str = "half",
     norm: str | None = None,
-    scale_bound: float | None = 3.0,
+    scale_bound: float | None = 2.0,
 ) -> ConditionalChain:
     """Conditional vector :func:`realnvp`: every affine coupling's conditioner also sees
     the context. ``norm`` may be ``"actnorm"`` (context-free) or ``None``."""

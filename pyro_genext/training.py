@@ -80,7 +80,7 @@ class TrainConfig:
     clip_norm: float = 10.0
     checkpoint_every: int = 500
     base: str | None = None
-    scale_bound: float = 3.0
+    scale_bound: float = 2.0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the expected values, before any work."""
