@@ -26,9 +26,9 @@ arXiv:1605.08803.
 #
 # still trivially invertible (x_B = (y_B - t(y_A)) * exp(-s(y_A))) and with a triangular
 # Jacobian, but now every layer can expand or contract space where the data need it.
-# pyro_genext uses the same formula for its forward map, base -> data (sampling), and
-# scores with the inverse. Here the log-scale is bounded, s = 2 tanh(s~ / 2), so that no
-# single layer can blow up.
+# pyro_genext scores (data -> base) with this scale-then-shift form and samples with its
+# inverse. Here the log-scale is bounded, s = 2 tanh(s~ / 2), so that no single layer can
+# blow up.
 #
 # 2. Couplings on images: two kinds of masks
 #

@@ -47,17 +47,20 @@ class MaskedCoupling(Bijector):
 
     With ``elementwise="additive"`` (NICE) :math:`y_B = x_B + t(x_A)` and
     :math:`\log|\det J| = 0`; with ``elementwise="affine"`` (RealNVP)
-    :math:`y_B = x_B \odot \exp(s(x_A)) + t(x_A)` and
-    :math:`\log|\det J| = \sum_B s(x_A)`; scoring (data -> base) computes
-    :math:`x_B = (y_B - t(y_A)) \odot \exp(-s(y_A))`.
+    :math:`y_B = (x_B - t(x_A)) \odot \exp(s(x_A))` and
+    :math:`\log|\det J| = \sum_B s(x_A)`. Scoring (data -> base) then computes
+    :math:`x_B = y_B \odot \exp(-s(y_A)) + t(y_A)`: the paper's coupling, a scale then a
+    shift, in the data -> latent direction the paper writes it in. The other order
+    (:math:`y_B = x_B \odot e^{s} + t`, scoring :math:`(y_B - t)\,e^{-s}`) magnifies a shift
+    that a conditioner extrapolates on an unusual input; measured in docs/benchmarks.rst.
 
     The affine log-scale is bounded, :math:`s = b \tanh(\tilde s / b)` with
     ``scale_bound`` :math:`b` (default 2): near zero it is the identity, so training
     starts as with an unbounded scale, but no single layer can scale by more than
     :math:`e^{b}`. With an unbounded ``exp``, one large conditioner output can scale a
     coordinate by an arbitrary factor, and its Jacobian with it. Measured on
-    Fashion-MNIST (docs/benchmarks.rst): a vector RealNVP diverged with bound 3 and trained
-    stably with 2 (4.57 test bits/dim) and 1 (4.51). A guide needs range, though: a flow
+    Fashion-MNIST (docs/benchmarks.rst): a multi-scale RealNVP blew up in its first 25
+    steps with bound 3 and trained steadily with 2. A guide needs range, though: a flow
     whose couplings transform each coordinate k times can shrink it by at most
     :math:`e^{-kb}`. ``scale_bound=None`` removes the bound.
 
@@ -272,7 +275,8 @@ class AdditiveCoupling(MaskedCoupling):
 
 class RealNVPCoupling(MaskedCoupling):
     r"""RealNVP's affine coupling: :math:`y_A = x_A`,
-    :math:`y_B = x_B \odot \exp(s(x_A)) + t(x_A)`,
+    :math:`y_B = (x_B - t(x_A)) \odot \exp(s(x_A))`, so that scoring computes the paper's
+    :math:`x_B = y_B \odot \exp(-s(y_A)) + t(y_A)`;
     :math:`\log|\det J| = \sum_B s(x_A)`, with the bounded log-scale
     :math:`s = b\tanh(\tilde s/b)` described in :class:`MaskedCoupling`.
 
@@ -386,7 +390,7 @@ class ConditionalAdditiveCoupling(ConditionalMaskedCoupling):
 
 
 class ConditionalRealNVPCoupling(ConditionalMaskedCoupling):
-    r"""Conditional RealNVP coupling :math:`y_B = x_B \odot \exp(s(x_A, c)) + t(x_A, c)`;
+    r"""Conditional RealNVP coupling :math:`y_B = (x_B - t(x_A, c)) \odot \exp(s(x_A, c))`;
     see :class:`ConditionalMaskedCoupling`."""
 
     elementwise = "affine"
