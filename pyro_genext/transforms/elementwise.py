@@ -45,8 +45,8 @@ def affine(
     Scoring never multiplies the shift by ``exp(-s)``. With the other order,
     ``(y - t) * exp(-s)``, a shift that a conditioner extrapolates on an unusual input is
     magnified by the layers after it: measured on Fashion-MNIST, a multi-scale RealNVP
-    scored two test images at 1e5 bits/dim that way (docs/benchmarks.rst, "The affine order
-    and the scale bound")."""
+    scored one test image at 147621 bits/dim that way (docs/benchmarks.rst, "The affine
+    order and the scale bound")."""
     s_raw, t = params
     s = soft_clamp(s_raw, bound)
     if inverse:
