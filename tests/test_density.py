@@ -186,7 +186,8 @@ def _grid_mass(m: FlowDensity, lo: float, hi: float, n: int) -> float:
 
 
 def test_continuous_density_integrates_to_one_and_matches_samples() -> None:
-    flow = realnvp(2, num_layers=4, hidden_dims=(16,))
+    # couplings only: perturbed actnorm scales would widen the tails past a finite grid
+    flow = realnvp(2, num_layers=4, hidden_dims=(16,), norm=None)
     _perturb(flow, 0.1)  # far from N(0, I), light enough tails for a finite grid
     m = FlowDensity(flow).double()
     assert _grid_mass(m, -12.0, 12.0, 600) == pytest.approx(1.0, abs=1e-3)

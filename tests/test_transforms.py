@@ -167,9 +167,28 @@ def test_couplings_start_as_identity():
 
 
 def test_stacks_alternate_the_transformed_half():
-    flow = pg.realnvp(6, num_layers=2)
+    flow = pg.realnvp(6, num_layers=2, norm=None)
     masks = [p.mask for p in flow.parts]
     assert torch.equal(masks[0], 1 - masks[1])
+
+
+def test_vector_realnvp_default_actnorm_after_each_coupling():
+    from pyro_genext.transforms import ActNorm
+
+    parts = pg.realnvp(6, num_layers=3, hidden_dims=(8,)).parts
+    kinds = [getattr(p, "elementwise", type(p)) for p in parts]
+    assert kinds == ["affine", ActNorm] * 3
+    # scored first (a density model): the data-side actnorm standardises that batch
+    flow = pg.realnvp(6, num_layers=2, hidden_dims=(8,))
+    y = 5.0 + 3.0 * torch.randn(500, 6)
+    z = flow.inv(y).detach()
+    assert torch.allclose(z.mean(0), torch.zeros(6), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones(6), atol=1e-4)
+    # sampled first (a guide): every actnorm stays at the identity
+    guide_flow = pg.realnvp(6, num_layers=2, hidden_dims=(8,))
+    x = torch.randn(4, 6)
+    assert torch.allclose(guide_flow(x), x, atol=1e-6)
+    assert all(bool(p.initialized) for p in guide_flow.parts if isinstance(p, ActNorm))
 
 
 def test_vector_halves_take_the_slicing_path():
@@ -267,7 +286,7 @@ def test_svi_maximum_likelihood_improves_the_fit(name, factory):
 
 @pytest.mark.parametrize(
     "factory",
-    [partial(pg.realnvp, 7, num_layers=4, **SMALL), partial(pg.nice, 6, **SMALL),
+    [partial(pg.realnvp, 7, num_layers=4, norm=None, **SMALL), partial(pg.nice, 6, **SMALL),
      partial(pg.realnvp, (3, 8, 8), norm=None, **CONV)],
     ids=["realnvp_odd", "nice", "multiscale"],
 )
