@@ -206,12 +206,31 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
+def _load_model_state(density: FlowDensity, state: dict[str, Any]) -> None:
+    """Load a checkpoint's parameters, or say in one line why they do not fit."""
+    own, saved = set(density.state_dict()), set(state["model"])
+    if own != saved:
+        missing, unexpected = sorted(own - saved), sorted(saved - own)
+        raise CheckpointError(
+            "checkpoint does not match the model this version of pyro_genext builds from its "
+            f"settings ({len(missing)} missing entries, e.g. {missing[:2]}; {len(unexpected)} "
+            f"unexpected, e.g. {unexpected[:2]}); it was written by a different version"
+        )
+    try:
+        density.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint does not match the model this version of pyro_genext builds: "
+            f"{str(e).strip().splitlines()[-1].strip()}"
+        ) from e
+
+
 def density_from_checkpoint(state: dict[str, Any]) -> tuple[FlowDensity, TrainConfig, Dataset]:
     """Rebuild the density model of a checkpoint (its data's test split gives the shape)."""
     cfg = TrainConfig(**state["config"])
     data = _data_stub(state)
     density = build_density(cfg, data)
-    density.load_state_dict(state["model"])
+    _load_model_state(density, state)
     density.eval()
     return density, cfg, data
 
@@ -290,7 +309,7 @@ def train(
     best = math.inf
     history: list[dict[str, float]] = []
     if state is not None:
-        density.load_state_dict(state["model"])
+        _load_model_state(density, state)
         optim.set_state(state["optim"])
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         perm = state["perm"]
