@@ -23,7 +23,7 @@ Read tutorials/nice.py first for couplings and the SVI loop.
 # NICE against RealNVP. In 2-D a coupling layer transforms one coordinate given the other:
 #
 #     NICE      y2 = x2 + t(x1)                    log|det J| = 0
-#     RealNVP   y2 = x2 * exp(s(x1)) + t(x1)       log|det J| = s(x1)
+#     RealNVP   y2 = (x2 - t(x1)) * exp(s(x1))     log|det J| = s(x1)
 #
 # NICE's couplings preserve area, and its only other layer scales each axis by a constant.
 # So its density is p(x) = c * p_Z(f^-1(x)): the base density, moved around without ever
@@ -54,7 +54,8 @@ from pyro_genext.data import TOY_DENSITIES, load_dataset
 from pyro_genext.training import TrainConfig, density_from_checkpoint, load_checkpoint, train
 
 MODELS = ("nice", "realnvp")
-# NICE: 4 additive couplings plus the scaling layer; RealNVP: 8 affine couplings.
+# NICE: 4 additive couplings plus the scaling layer; RealNVP: 8 affine couplings, each
+# followed by an actnorm (a learned per-coordinate scale and shift; the recipe's default).
 # Both with conditioners of two hidden layers of `hidden` units, a normal base.
 FULL = dict(hidden=64, batch_size=256, lr=3e-3, steps=2000, grid=200)
 SMOKE = dict(hidden=16, batch_size=256, lr=3e-3, steps=20, grid=40)
