@@ -173,7 +173,8 @@ def _verdict(rows: list[dict[str, Any]]) -> str:
         if floor is not None:
             ratio = mine / floor[task]["median_ms"]
             parts.append(f"{ratio:.2f}x floor ({'meets' if ratio <= 1.10 else 'misses'} 1.10x)")
-        peers = [r for n, r in by.items() if n != ours["implementation"] and r is not floor]
+        peers = [r for n, r in by.items()
+                 if r is not floor and not n.startswith(("pyro_genext", "ours"))]
         if peers:
             best = min(peers, key=lambda r: r[task]["median_ms"])
             speed = best[task]["median_ms"] / mine

@@ -17,6 +17,14 @@ from .squeeze import squeeze, unsqueeze
 __all__ = ["Chain", "MultiScale"]
 
 
+class _Run(list):
+    """Consecutive parts of a :class:`Chain` run on the two halves of one split."""
+
+    def __init__(self, halves: tuple[int, int], parts: list[Any]) -> None:
+        super().__init__(parts)
+        self.halves = halves
+
+
 class Chain(Bijector):
     r"""The composition :math:`f_n \circ \dots \circ f_1` of bijectors (``parts[0]`` acts
     first in the forward, base -> data, direction),
@@ -57,28 +65,34 @@ class Chain(Bijector):
     def _make_plan(parts: list[FlowTransform]) -> list[Any]:
         """Group consecutive slice-mode couplings that split at the same point into runs:
         a run splits its input once, passes the two halves from coupling to coupling and
-        joins them once, instead of a split and a cat per coupling."""
+        joins them once, instead of a split and a cat per coupling. Parts that act
+        coordinate by coordinate (``splittable``, e.g. :class:`ActNorm`) join the run they
+        follow."""
         plan: list[Any] = []
         for p in parts:
             halves = getattr(p, "halves", None) if isinstance(p, MaskedCoupling) else None
-            if halves is not None and plan and isinstance(plan[-1], list) and \
-                    plan[-1][0].halves == halves:
-                plan[-1].append(p)
+            last = plan[-1] if plan and isinstance(plan[-1], _Run) else None
+            if halves is not None and last is not None and last.halves == halves:
+                last.append(p)
             elif halves is not None:
-                plan.append([p])
+                plan.append(_Run(halves, [p]))
+            elif getattr(p, "splittable", False) and last is not None:
+                last.append(p)
             else:
                 plan.append(p)
-        return [run[0] if isinstance(run, list) and len(run) == 1 else run for run in plan]
+        return [run[0] if isinstance(run, _Run) and len(run) == 1 else run for run in plan]
 
     @staticmethod
-    def _run(
-        run: list[MaskedCoupling], x: torch.Tensor, inverse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        axis, at = run[0].halves  # type: ignore[misc]
+    def _run(run: _Run, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        axis, at = run.halves
         lo, hi = x.split((at, x.shape[axis] - at), dim=axis)
         total: torch.Tensor | None = None
+        ladj: torch.Tensor | None
         for c in reversed(run) if inverse else run:
-            lo, hi, ladj = c._couple_halves(lo, hi, inverse)
+            if isinstance(c, MaskedCoupling):
+                lo, hi, ladj = c._couple_halves(lo, hi, inverse)
+            else:
+                lo, hi, ladj = c._halves_and_ladj(lo, hi, inverse)
             if ladj is not None:
                 total = ladj if total is None else total + ladj
         return torch.cat([lo, hi], dim=axis), total

@@ -98,6 +98,31 @@ class ActNorm(_PerChannel):
             self.initialize(y.detach())
         return (y - self.bias) * torch.exp(-self.log_scale), self._ladj(y)
 
+    # A Chain runs consecutive couplings on the two halves of a split input (see
+    # Chain._make_plan); this layer acts coordinate by coordinate (channel by channel), so
+    # it can join such a run instead of forcing a join and a new split around itself.
+    splittable = True
+
+    def _halves_and_ladj(
+        self, lo: torch.Tensor, hi: torch.Tensor, inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The map on an input already split into ``lo`` and ``hi`` along the first
+        parameter axis (features, or channels for images); same result as on the whole."""
+        at = lo.shape[-len(self.event_shape)]
+        if not self.initialized:
+            if inverse and self.training:
+                self.initialize(torch.cat([lo, hi], dim=-len(self.event_shape)).detach())
+            else:
+                self.initialized.fill_(True)
+        n = self._pshape[0]
+        s_lo, s_hi = self.log_scale.split((at, n - at))
+        b_lo, b_hi = self.bias.split((at, n - at))
+        if inverse:
+            lo, hi = (lo - b_lo) * torch.exp(-s_lo), (hi - b_hi) * torch.exp(-s_hi)
+        else:
+            lo, hi = lo * torch.exp(s_lo) + b_lo, hi * torch.exp(s_hi) + b_hi
+        return lo, hi, self._ladj(lo)
+
 
 class BatchNormFlow(_PerChannel):
     r"""RealNVP's batch normalisation as a bijector.
