@@ -100,7 +100,7 @@ class Chain(Bijector):
     def _apply_plan(self, x: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         total: torch.Tensor | None = None
         for step in reversed(self._plan) if inverse else self._plan:
-            if isinstance(step, list):
+            if isinstance(step, _Run):
                 x, ladj = self._run(step, x, inverse)
             elif inverse:
                 x, ladj = step._inverse_and_ladj(x)
