@@ -332,7 +332,12 @@ def test_actnorm_in_a_chain_run_initialises_as_on_its_own(shape):
     for c in twin.modules():  # the twin applies every part on its own
         if isinstance(c, Chain):
             c._plan = list(c._parts)
-    z, ladj = flow._inverse_and_ladj(y)  # first call, training mode: initialises actnorms
+    # scored in eval mode first: no initialisation either way (the layers stay as built)
+    flow.eval(), twin.eval()
+    assert torch.allclose(flow._inverse_and_ladj(y)[0], twin._inverse_and_ladj(y)[0])
+    assert not any(bool(a.initialized) for a in flow.modules() if isinstance(a, ActNorm))
+    flow.train(), twin.train()
+    z, ladj = flow._inverse_and_ladj(y)  # first call in training mode: initialises actnorms
     ref, ref_ladj = twin._inverse_and_ladj(y)
     assert torch.allclose(z, ref) and torch.allclose(ladj, ref_ladj)
     for a, b in zip(flow.modules(), twin.modules()):

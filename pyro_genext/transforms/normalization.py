@@ -109,11 +109,11 @@ class ActNorm(_PerChannel):
         """The map on an input already split into ``lo`` and ``hi`` along the first
         parameter axis (features, or channels for images); same result as on the whole."""
         at = lo.shape[-len(self.event_shape)]
-        if not self.initialized:
-            if inverse and self.training:
-                self.initialize(torch.cat([lo, hi], dim=-len(self.event_shape)).detach())
-            else:
+        if not self.initialized:  # as _inverse_and_ladj / _forward_and_ladj do
+            if not inverse:
                 self.initialized.fill_(True)
+            elif self.training:
+                self.initialize(torch.cat([lo, hi], dim=-len(self.event_shape)).detach())
         n = self._pshape[0]
         s_lo, s_hi = self.log_scale.split((at, n - at))
         b_lo, b_hi = self.bias.split((at, n - at))
