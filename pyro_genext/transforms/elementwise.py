@@ -23,7 +23,8 @@ def soft_clamp(s: torch.Tensor, bound: float | None) -> torch.Tensor:
         return s
     # the same function as bound * tanh(s / bound), since tanh(z) = 2 sigmoid(2z) - 1;
     # sigmoid is several times faster than tanh on the CPU builds of torch we measured
-    return torch.sigmoid(s * (2.0 / bound)) * (2.0 * bound) - bound
+    # rsub(z, -b, alpha=-2b) = 2b z - b in one kernel (and one backward node)
+    return torch.rsub(torch.sigmoid(s * (2.0 / bound)), -bound, alpha=-2.0 * bound)
 
 
 def additive(
@@ -50,7 +51,7 @@ def affine(
     s_raw, t = params
     s = soft_clamp(s_raw, bound)
     if inverse:
-        return x * torch.exp(-s) + t, s
+        return torch.addcmul(t, x, torch.exp(-s)), s  # t + x exp(-s), one kernel
     return (x - t) * torch.exp(s), s
 
 
