@@ -8,6 +8,7 @@ roughly zero mean and unit variance.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -88,15 +89,26 @@ class ActNorm(_PerChannel):
     def _ladj(self, x: torch.Tensor) -> torch.Tensor:
         return (self.log_scale.sum() * self._spatial).expand(self._batch(x))
 
-    def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _start(self, inverse: bool, data: Callable[[], torch.Tensor]) -> None:
+        """Before the first call: the first scoring call in training mode initialises
+        from its ``data()``; a first sampling call keeps the identity initialisation."""
         if not self.initialized:
-            self.initialized.fill_(True)
-        return x * torch.exp(self.log_scale) + self.bias, self._ladj(x)
+            if not inverse:
+                self.initialized.fill_(True)
+            elif self.training:
+                self.initialize(data().detach())
+
+    @staticmethod
+    def _map(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor, inverse: bool) -> torch.Tensor:
+        return (x - b) * torch.exp(-s) if inverse else x * torch.exp(s) + b
+
+    def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._start(False, lambda: x)
+        return self._map(x, self.log_scale, self.bias, False), self._ladj(x)
 
     def _inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training and not self.initialized:
-            self.initialize(y.detach())
-        return (y - self.bias) * torch.exp(-self.log_scale), self._ladj(y)
+        self._start(True, lambda: y)
+        return self._map(y, self.log_scale, self.bias, True), self._ladj(y)
 
     # A Chain runs consecutive couplings on the two halves of a split input (see
     # Chain._make_plan); this layer acts coordinate by coordinate (channel by channel), so
@@ -108,20 +120,12 @@ class ActNorm(_PerChannel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The map on an input already split into ``lo`` and ``hi`` along the first
         parameter axis (features, or channels for images); same result as on the whole."""
-        at = lo.shape[-len(self.event_shape)]
-        if not self.initialized:  # as _inverse_and_ladj / _forward_and_ladj do
-            if not inverse:
-                self.initialized.fill_(True)
-            elif self.training:
-                self.initialize(torch.cat([lo, hi], dim=-len(self.event_shape)).detach())
-        n = self._pshape[0]
-        s_lo, s_hi = self.log_scale.split((at, n - at))
-        b_lo, b_hi = self.bias.split((at, n - at))
-        if inverse:
-            lo, hi = (lo - b_lo) * torch.exp(-s_lo), (hi - b_hi) * torch.exp(-s_hi)
-        else:
-            lo, hi = lo * torch.exp(s_lo) + b_lo, hi * torch.exp(s_hi) + b_hi
-        return lo, hi, self._ladj(lo)
+        axis = -len(self.event_shape)
+        self._start(inverse, lambda: torch.cat([lo, hi], dim=axis))
+        sizes = (lo.shape[axis], hi.shape[axis])
+        s_lo, s_hi = self.log_scale.split(sizes)
+        b_lo, b_hi = self.bias.split(sizes)
+        return self._map(lo, s_lo, b_lo, inverse), self._map(hi, s_hi, b_hi, inverse), self._ladj(lo)
 
 
 class BatchNormFlow(_PerChannel):
