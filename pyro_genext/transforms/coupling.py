@@ -62,7 +62,8 @@ class MaskedCoupling(Bijector):
     Fashion-MNIST (docs/benchmarks.rst): a multi-scale RealNVP blew up in its first 25
     steps with bound 3 and trained steadily with 2. A guide needs range, though: a flow
     whose couplings transform each coordinate k times can shrink it by at most
-    :math:`e^{-kb}`. ``scale_bound=None`` removes the bound.
+    :math:`e^{-kb}` (the actnorm layers that :func:`~pyro_genext.realnvp` adds by default
+    have unbounded scales). ``scale_bound=None`` removes the bound.
 
     Args:
         mask: binary tensor of the event shape, ``(D,)`` for vectors or ``(C, H, W)`` for
