@@ -70,6 +70,12 @@ def save_samples(density: FlowDensity, data: Dataset, num: int, out: str | os.Pa
         ax.set_ylim(-lim, lim)
         ax.set_title("samples over the model density")
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OSError(f"cannot write {out} ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
