@@ -360,6 +360,8 @@ def train(
         validate_and_save(final=True)
         return _summary(step, best, history, out, density)
 
+    if state is None:  # a fresh run: start the actnorm layers from the first batch
+        density.initialize(_reshape(x_train[perm[: cfg.batch_size].to(device)], density))
     bar = _progress(total_steps, step, progress)
     running = None
     try:
