@@ -144,7 +144,9 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _load_run(args: argparse.Namespace, command: str, rest: list[str]) -> tuple[Any, Any, argparse.Namespace, dict]:
+def _load_run(
+    args: argparse.Namespace, command: str, rest: list[str]
+) -> tuple[Any, Any, argparse.Namespace, dict]:
     """Load the checkpoint, then parse the command's flags again with the kind's own."""
     from .engine import load_checkpoint, module_from_checkpoint
 
@@ -176,8 +178,10 @@ def _cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     if full.json:
         print(json.dumps(result))
     else:
-        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
-        print(f"{kind.name} on {s['data']} ({full.split}, {len(data)} examples, step {state['step']}): {shown}")
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in scores.items())
+        print(f"{kind.name} on {s['data']} ({full.split}, {len(data)} examples, "
+              f"step {state['step']}): {shown}")
     return 0
 
 

@@ -8,7 +8,8 @@ grid of samples::
 
 It is the same as running::
 
-    pyro-genext train realnvp --data digits --steps 1500 --hidden 32 --num-blocks 1 --out runs/demo
+    pyro-genext train realnvp --data digits --steps 1500 --hidden 32 --num-blocks 1 \
+        --out runs/demo --overwrite
     pyro-genext evaluate runs/demo --split test
     pyro-genext sample runs/demo --num 64 --out runs/demo/samples.png
 """
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1", help="torch CPU threads (1 is fastest for this small model)")
     args = p.parse_args(argv)
     train = ["train", "realnvp", "--data", "digits", "--steps", args.steps, "--hidden", "32",
-             "--num-blocks", "1", "--threads", args.threads, "--out", args.out]
+             "--num-blocks", "1", "--threads", args.threads, "--out", args.out,
+             "--overwrite"]  # make demo may run again
     for command in (
         train,
         ["evaluate", args.out, "--split", "test"],

@@ -130,8 +130,19 @@ def _identity(module: Any, x: torch.Tensor, generator: torch.Generator) -> torch
 class ModelKind:
     """How one kind of model is built, trained, validated, evaluated and sampled.
 
-    See ``notes`` of the project (ENGINE_API) and the module docstring for the contract of
-    each field. ``metrics`` returns per-example values, lower is better; the first key's
+    Fields: ``name`` (the command-line name), ``summary`` (one line for ``--help``),
+    ``add_arguments`` (the model's own ``train`` flags; each ``dest`` is a key of the
+    settings), ``build(settings, train_data)`` (a ``PyroModule`` with ``model(x)`` and
+    ``guide(x)`` whose parameters live in the module), ``loss(settings)`` (a Pyro ELBO),
+    ``metrics(module, x)``, ``evaluate(module, data, args)`` (a JSON-able dict for
+    ``pyro-genext evaluate``), ``sample(module, data, args)`` (writes pictures, returns
+    their paths), and optionally ``prepare``, ``initialize`` (data-dependent start-up on the
+    first prepared training batch, before step 1, not on resume), ``add_evaluate_arguments``,
+    ``add_sample_arguments``, ``default_threads`` (CPU threads without ``--threads``) and
+    ``progress``. ``evaluate`` and ``sample`` get the checkpoint's data set (the split asked
+    for, the test split for ``sample``) and the parsed flags, with ``args.kind`` and
+    ``args.settings`` (the run's settings) added; the command line runs them without
+    gradients. ``metrics`` returns per-example values, lower is better; the first key's
     mean selects the best checkpoint. ``prepare`` is called with the module in training
     mode for training batches (with the engine's training generator, each step) and in
     eval mode for validation and test batches (with a generator seeded from the run's
@@ -323,7 +334,8 @@ class Objective(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m: Any = self.module
-        return self.elbo.differentiable_loss(m.model, m.guide, x) / x.shape[0]
+        elbo: Any = self.elbo
+        return elbo.differentiable_loss(m.model, m.guide, x) / x.shape[0]
 
 
 def clip_per_tensor(params: list[torch.Tensor], clip_norm: float) -> None:
@@ -371,8 +383,8 @@ def per_example_metrics(
 def summarize(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """``{name_mean, name_median, name_worst}`` of per-example metrics (worst = largest)."""
     out: dict[str, float] = {}
-    for name, v in values.items():
-        v = v.double()
+    for name, values_ in values.items():
+        v = values_.detach().double()
         out[f"{name}_mean"] = float(v.mean())
         out[f"{name}_median"] = float(v.median())
         out[f"{name}_worst"] = float(v.max())
@@ -380,10 +392,10 @@ def summarize(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -624,6 +636,7 @@ def fit(
         if outp is None or not (outp / "last.pt").exists():
             raise CheckpointError(f"--resume: no checkpoint to resume from in {outp}")
         state = load_checkpoint(outp / "last.pt")
+        state["_path"] = outp / "last.pt"
         s = _resume_settings(k, settings, state, outp)
     else:
         defaults = default_settings(k)
@@ -690,7 +703,7 @@ def fit(
         history = state["history"]
         running = _Running(values=state["running"])
         pyro.util.set_rng_state(state["rng"])
-        say(f"resumed from {outp / 'last.pt'} at step {step} of {total_steps}")
+        say(f"resumed from {state['_path']} at step {step} of {total_steps}")
     elif k.initialize is not None:
         module.train()
         with torch.no_grad():

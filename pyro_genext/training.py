@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from .data import DATASETS, Dataset
-from .engine import CheckpointError, default_settings, fit, load_checkpoint, module_from_checkpoint, save_checkpoint
+from .engine import (
+    CheckpointError,
+    default_settings,
+    fit,
+    load_checkpoint,
+    module_from_checkpoint,
+    save_checkpoint,
+)
 from .kinds import flows as _flows
 from .metrics import bits_per_dim
 from .models import FlowDensity

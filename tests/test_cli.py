@@ -351,6 +351,7 @@ def test_demo_says_where_the_samples_went_once(tmp_path, capsys):
             if str(tmp_path / "demo" / "samples.png") in ln and not ln.startswith("$ ")]
     assert len(said) == 1, said
     assert (tmp_path / "demo" / "samples.png").stat().st_size > 1000
+    assert demo.main(["--out", str(tmp_path / "demo"), "--steps", "2"]) == 0  # make demo again
 
 
 def test_checkpoint_of_another_format_gets_one_line(tmp_path, capsys):

@@ -66,6 +66,8 @@ def build_density(model: str, s: dict[str, Any], data: Dataset) -> FlowDensity:
     shape = tuple(data.event_shape)
     flat = (math.prod(shape),)
     flow: Bijector
+    event_shape: tuple[int, ...]
+    base: Any
     if model == "nice":
         flow = nice(flat[0], num_layers=s.get("num_layers") or 4,
                     hidden_dims=(s.get("hidden") or 256,) * 2)
