@@ -26,6 +26,7 @@ from pyro.params.param_store import param_with_module_name
 from torch import nn
 from torch.distributions import Transform
 
+from ..checks import data_checks_enabled
 from ..metrics import bits_per_dim
 from ..transforms.base import FlowTransform, check_event_shape
 from ..transforms.normalization import initialize
@@ -179,7 +180,8 @@ class FlowDensity(PyroModule):
         ``x + u`` for one draw of uniform noise ``u``. Returns shape ``batch``.
 
         ``x`` must be finite and in the support of the density (with ``dequantize=True``:
-        integer levels in :math:`[0, L-1]`); otherwise ``ValueError``."""
+        integer levels in :math:`[0, L-1]`); otherwise ``ValueError`` (value checks can be
+        switched off where data were validated once: :func:`pyro_genext.checks.data_checks`)."""
         x = self._check_data(x, "levels" if dequantize else "support")
         if dequantize:
             x = x + torch.rand_like(x)
@@ -296,6 +298,8 @@ class FlowDensity(PyroModule):
             )
         if check == "levels" and self.levels is None:
             raise ValueError("dequantization needs discrete data: construct with levels=L")
+        if not data_checks_enabled():  # validated once, where it was loaded (no host sync)
+            return x
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"expected finite data, got {bad} NaN or infinite values")
