@@ -213,6 +213,15 @@ class FlowDensity(PyroModule):
     def guide(self, x: torch.Tensor) -> None:
         """Empty: the model has no latent sites, so SVI maximises the likelihood."""
 
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` (shape ``(N, *event_shape)``) is data that
+        :meth:`model` trains on: finite, and integer levels in :math:`[0, L-1]` (or values
+        in the data range when the model does not dequantize). Runs even inside
+        :func:`~pyro_genext.checks.data_checks` ``(False)``: call it once on a data set,
+        then train without per-step checks."""
+        noise = self.levels is not None and self.dequantize
+        self._check_data(x, "levels" if noise else "range", batched=True, force=True)
+
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> int:
         """Start the flow's :class:`~pyro_genext.transforms.ActNorm` layers from a batch
@@ -277,7 +286,9 @@ class FlowDensity(PyroModule):
         return torch.floor(x) if quantize else x
 
     # ------------------------------------------------------------------ checks
-    def _check_data(self, x: torch.Tensor, check: Check, batched: bool = False) -> torch.Tensor:
+    def _check_data(
+        self, x: torch.Tensor, check: Check, batched: bool = False, force: bool = False
+    ) -> torch.Tensor:
         """Validate data before any computation; integer dtypes become floats.
 
         ``check``: ``"levels"``, integer levels in :math:`[0, L-1]` (before dequantization);
@@ -298,7 +309,7 @@ class FlowDensity(PyroModule):
             )
         if check == "levels" and self.levels is None:
             raise ValueError("dequantization needs discrete data: construct with levels=L")
-        if not data_checks_enabled():  # validated once, where it was loaded (no host sync)
+        if not (force or data_checks_enabled()):  # validated once, where it was loaded
             return x
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
