@@ -56,6 +56,7 @@ def _add_evaluate_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: the model's fastest)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
 def _add_sample_arguments(s: argparse.ArgumentParser) -> None:
@@ -68,6 +69,7 @@ def _add_sample_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--root", default=None, help="folder holding the data files (default: the run's)")
     s.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: the model's fastest)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
 def _extras_epilog(attr: str) -> str:
@@ -140,7 +142,10 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     result = fit(kind, given, control["out"], resume=resume,
                  overwrite=bool(control.get("overwrite", False)), progress=not quiet,
                  log=(lambda msg: None) if quiet else None)
-    print(describe_result(result), file=sys.stderr)
+    from .distributed import context
+
+    if context().is_main:  # under torchrun, rank 0 reports for the run
+        print(describe_result(result), file=sys.stderr)
     return 0
 
 
@@ -162,7 +167,15 @@ def _load_run(
     full.settings = settings
     full.step = state["step"]
     _set_threads(full.threads, kind.default_threads)
-    return module, kind, full, state
+    return module.to(_device(full.device)), kind, full, state
+
+
+def _device(name: str) -> torch.device:
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device: {name!r} requested but CUDA is not available")
+    return torch.device(name)
 
 
 def _cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
@@ -224,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # the whole message, no traceback
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 1
+    finally:
+        from .distributed import teardown
+
+        teardown()  # leave the process group of a run under torchrun, if one was joined
 
 
 def _message(e: BaseException) -> str:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "setup", "teardown", "context", "shard"]
+__all__ = ["Context", "setup", "teardown", "context", "shard", "barrier", "stream_seed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,3 +129,16 @@ def gather_objects(obj: Any, ctx: Context) -> list[Any]:
     out: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def barrier(ctx: Context) -> None:
+    """Wait for every rank (a no-op with one process)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
+def stream_seed(seed: int, rank: int, step: int, salt: int = 0) -> int:
+    """A seed for rank ``rank``'s random stream at ``step``: distinct for every
+    ``(seed, rank, step, salt)`` and the same on every run."""
+    h = (seed * 1_000_003 + rank) * 1_000_033 + step
+    return (h * 4 + salt) % (2**63 - 1)

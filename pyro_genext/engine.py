@@ -83,6 +83,8 @@ import pyro
 import torch
 from torch import nn
 
+from . import distributed
+from .checks import data_checks
 from .data import DATASETS, SPLITS, Dataset, load_dataset
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,6 +119,8 @@ CHECKPOINT_VERSION = 2
 #: Settings that a resumed run may change: where the data are, the device, how often to
 #: checkpoint and log. The budget (``steps``, ``epochs``) may be raised.
 RUN_CONTROL = ("root", "device", "checkpoint_every", "log_interval")
+#: On a GPU the training losses are read back every this many steps (a read is a sync).
+SYNC_EVERY = 25
 BUDGET = ("steps", "epochs")
 #: Running figure of the progress bar: the median of this many recent steps.
 RUNNING_WINDOW = 100
@@ -148,7 +152,11 @@ class ModelKind:
     eval mode for validation and test batches (with a generator seeded from the run's
     seed and the split, so validation numbers are reproducible). ``progress`` (optional,
     an addition to the fixed fields) turns the training loss per example into the
-    progress bar's figure, e.g. ``("bpd", loss / (D log 2))``.
+    progress bar's figure, e.g. ``("bpd", loss / (D log 2))``. ``check_data`` (optional)
+    raises ``ValueError`` for a split the model cannot take (NaN, values out of range); the
+    engine calls it once per split when the data are loaded and then trains inside
+    :func:`~pyro_genext.checks.data_checks` ``(False)``, so no step reads values back to
+    the host.
     """
 
     name: str
@@ -165,6 +173,7 @@ class ModelKind:
     add_sample_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     default_threads: int = 1
     progress: Callable[[PyroModule, float], tuple[str, float]] | None = None
+    check_data: Callable[[PyroModule, torch.Tensor], None] | None = None
 
 
 KINDS: dict[str, ModelKind] = {}
@@ -648,6 +657,9 @@ def fit(
             )
         s = {**defaults, **settings}
     _check_settings(s)
+    ctx, device_name = distributed.setup(str(s["device"]))
+    if not ctx.is_main:  # rank 0 alone logs, shows progress and writes checkpoints
+        say = _silent
     if outp is not None:
         _check_writable(outp)
         held = [n for n in ("last.pt", "best.pt") if (outp / n).exists()]
@@ -657,8 +669,10 @@ def fit(
                     f"{outp} already holds a training run ({', '.join(held)}): pass --resume to "
                     f"continue it or --overwrite to replace it, or choose another --out"
                 )
-            for name in held:
-                (outp / name).unlink()
+            if ctx.is_main:
+                for name in held:
+                    (outp / name).unlink()
+            distributed.barrier(ctx)
 
     seed = int(s["seed"])
     pyro.set_rng_seed(seed)
@@ -672,8 +686,16 @@ def fit(
             f"--batch-size {batch} is larger than the training split of {tr.name} ({n} examples); "
             f"expected at most {n}"
         )
-    device = torch.device(s["device"])
+    if batch % ctx.world_size:
+        raise ValueError(
+            f"--batch-size {batch} is the global batch and must be divisible by the number of "
+            f"processes ({ctx.world_size})"
+        )
+    device = torch.device(device_name)
     module: Any = k.build(s, tr).to(device)
+    if k.check_data is not None:  # once, here: the training step then checks no values
+        k.check_data(module, tr.x)
+        k.check_data(module, va.x)
     objective = Objective(module, k.loss(s))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=float(s["lr"]))
@@ -702,13 +724,25 @@ def fit(
         best, best_step, best_summary = state["best"], state["best_step"], state["best_summary"]
         history = state["history"]
         running = _Running(values=state["running"])
-        pyro.util.set_rng_state(state["rng"])
+        if not ctx.distributed:  # several processes re-seed every step instead
+            pyro.util.set_rng_state(state["rng"])
+            cuda_rng = state.get("cuda_rng")
+            if cuda_rng is not None and device.type == "cuda":
+                torch.cuda.set_rng_state_all(cuda_rng)
         say(f"resumed from {state['_path']} at step {step} of {total_steps}")
     elif k.initialize is not None:
         module.train()
-        with torch.no_grad():
-            x0 = k.prepare(module, x_train[perm[:batch].to(device)], gen)
+        with torch.no_grad():  # each rank its share of the first batch; actnorm pools them
+            x0 = k.prepare(module, x_train[distributed.shard(perm[:batch], ctx).to(device)],
+                           _stream(gen, ctx, seed, 0))
         k.initialize(module, x0)
+    step_module: nn.Module = objective
+    if ctx.distributed:  # gradients averaged over the ranks in backward
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_module = DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -723,6 +757,8 @@ def fit(
             "optimizer": optimizer.state_dict(),
             "step": step, "epoch": epoch, "pos": pos, "perm": perm, "gen": gen.get_state(),
             "rng": pyro.util.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            "world_size": ctx.world_size,
             "best": best, "best_step": best_step, "best_summary": best_summary,
             "history": history, "running": list(running.values),
         }
@@ -731,6 +767,12 @@ def fit(
     metric_name: list[str] = []
 
     def validate() -> None:
+        flush()
+        if ctx.is_main:
+            _validate()
+        distributed.barrier(ctx)
+
+    def _validate() -> None:
         nonlocal best, best_step, best_summary, last_log
         values = per_example_metrics(k, module, va.x, seed, "val")
         first = next(iter(values))
@@ -765,55 +807,94 @@ def fit(
             text += f" val_{name}={history[-1][f'{name}_mean']:.3f}" if metric_name else ""
         return text
 
+    # The losses stay on the device until they are needed (the progress bar, a check, a
+    # checkpoint): reading one is a host synchronisation, a stall on a GPU.
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+    pending: list[torch.Tensor] = []
+    done = [step]  # steps whose losses have been read
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).double().cpu().tolist()
+        pending.clear()
+        for value in values:
+            done[0] += 1
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training loss is {value} at step {done[0]}"
+                    + (f"; the last checkpoint is in {outp / 'last.pt'}" if outp is not None else "")
+                    + "; try a lower --lr or --clip-norm"
+                )
+            name, shown = k.progress(module, value) if k.progress is not None else ("loss", value)
+            figure[:] = [name, running.add(shown)]
+        if bar is not None:
+            bar.update(len(values))
+            bar.set_postfix_str(_postfix(), refresh=False)
+
     bar = None
     if step == 0 and total_steps == 0:
         validate()
         return _result(k, s, step, total_steps, best_summary, best_step, history, outp, module)
-    if not progress:
-        bar = None
-    else:
+    if progress and ctx.is_main:
         bar = _progress_bar(total_steps, step)
-    module.train()
-    try:
+
+    def _train_loop() -> None:
+        nonlocal step, epoch, pos, perm
         while step < total_steps:
             if pos + batch > n:
                 perm = torch.randperm(n, generator=gen)
                 pos = 0
                 epoch += 1
-            idx = perm[pos : pos + batch]
+            idx = distributed.shard(perm[pos : pos + batch], ctx)
             pos += batch
-            xb = k.prepare(module, x_train[idx.to(device)], gen)
-            loss = objective(xb)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"training loss is {value} at step {step + 1}"
-                    + (f"; the last checkpoint is in {outp / 'last.pt'}" if outp is not None else "")
-                    + "; try a lower --lr or --clip-norm"
-                )
+            if ctx.distributed:  # per-rank random streams, a function of (seed, rank, step)
+                pyro.set_rng_seed(distributed.stream_seed(seed, ctx.rank, step + 1))
+            xb = k.prepare(module, x_train[idx.to(device)], _stream(gen, ctx, seed, step + 1))
+            loss = step_module(xb)
+            pending.append(loss.detach())
+            if len(pending) >= sync_every:
+                flush()  # on the CPU every step, before the update it would make
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_per_tensor(params, clip)
             optimizer.step()
             step += 1
-            name, shown = k.progress(module, value) if k.progress is not None else ("loss", value)
-            figure[:] = [name, running.add(shown)]
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(_postfix(), refresh=False)
             end_of_epoch = pos + batch > n
             if end_of_epoch or step == total_steps:
                 validate()
             elif outp is not None and step % int(s["checkpoint_every"]) == 0:
-                save_checkpoint(outp / "last.pt", snapshot())
+                flush()
+                if ctx.is_main:
+                    save_checkpoint(outp / "last.pt", snapshot())
+        flush()
+
+    module.train()
+    try:
+        with data_checks(False):  # the splits were validated once, when they were loaded
+            _train_loop()
     except KeyboardInterrupt:
-        if outp is not None:
+        if outp is not None and ctx.is_main:
             save_checkpoint(outp / "last.pt", snapshot())
         raise
     finally:
         if bar is not None:
             bar.close()
     return _result(k, s, step, total_steps, best_summary, best_step, history, outp, module)
+
+
+def _silent(msg: str) -> None:
+    pass
+
+
+def _stream(gen: torch.Generator, ctx: distributed.Context, seed: int, step: int) -> torch.Generator:
+    """The generator ``prepare`` draws from at ``step``: the run's own with one process (its
+    state travels in checkpoints); with several, a fresh one per rank and step, so every
+    rank draws differently and a resumed run, with any number of processes, continues the
+    same streams."""
+    if not ctx.distributed:
+        return gen
+    return torch.Generator().manual_seed(distributed.stream_seed(seed, ctx.rank, step, salt=1))
 
 
 def _describe(name: str, summary: Mapping[str, float]) -> str:

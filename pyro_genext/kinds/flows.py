@@ -109,6 +109,11 @@ def initialize(m: Any, x: torch.Tensor) -> None:
         start(x)
 
 
+def check_data(m: Any, x: torch.Tensor) -> None:
+    """The whole split, once: integer levels in range (discrete data) or finite values."""
+    m.check_data(x.reshape((x.shape[0],) + tuple(m.event_shape)))
+
+
 def progress(m: Any, loss: float) -> tuple[str, float]:
     """The progress bar shows the training loss in bits/dim."""
     return "bpd", loss / (math.prod(m.event_shape) * math.log(2))
@@ -139,6 +144,7 @@ def _kind(name: str, summary: str, add: Any) -> ModelKind:
         build=lambda s, data: build_density(name, s, data),
         loss=lambda s: Trace_ELBO(), metrics=metrics, evaluate=evaluate, sample=sample,
         prepare=prepare, initialize=initialize, default_threads=1, progress=progress,
+        check_data=check_data,
     )
 
 
