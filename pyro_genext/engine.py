@@ -259,6 +259,9 @@ def _common_arguments(p: argparse.ArgumentParser, kind: ModelKind) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0,
                    help="seeds the data split, the initialisation and every random draw")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="bf16: the networks compute in bfloat16 under torch.autocast, the "
+                        "element-wise maps and log-determinants stay in float32")
     p.add_argument("--root", default=None,
                    help="folder holding the data files (default: the standard places)")
     p.add_argument("--checkpoint-every", type=positive_int, default=500,
@@ -532,6 +535,8 @@ def _check_settings(s: Mapping[str, Any]) -> None:
         v = s[key]
         if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
             raise ValueError(f"{_flag(key)}: expected a finite number > 0, got {v!r}")
+    if s.get("autocast", "none") not in ("none", "bf16"):
+        raise ValueError(f"--autocast: expected 'none' or 'bf16', got {s['autocast']!r}")
     device = str(s["device"])
     if device != "cpu":
         if not device.startswith("cuda"):
@@ -810,6 +815,7 @@ def fit(
     # The losses stay on the device until they are needed (the progress bar, a check, a
     # checkpoint): reading one is a host synchronisation, a stall on a GPU.
     sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+    bf16 = s.get("autocast", "none") == "bf16"
     pending: list[torch.Tensor] = []
     done = [step]  # steps whose losses have been read
 
@@ -851,7 +857,8 @@ def fit(
             if ctx.distributed:  # per-rank random streams, a function of (seed, rank, step)
                 pyro.set_rng_seed(distributed.stream_seed(seed, ctx.rank, step + 1))
             xb = k.prepare(module, x_train[idx.to(device)], _stream(gen, ctx, seed, step + 1))
-            loss = step_module(xb)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = step_module(xb)
             pending.append(loss.detach())
             if len(pending) >= sync_every:
                 flush()  # on the CPU every step, before the update it would make
