@@ -381,8 +381,13 @@ def per_example_metrics(
     gen = torch.Generator().manual_seed(split_seed(seed, split))
     device = _module_device(module)
     parts: dict[str, list[torch.Tensor]] = {}
+    # torch's global stream is forked and seeded: whatever a kind's metrics draw (latents)
+    # neither disturbs the training stream (bit-exact --resume replays it) nor varies
+    # from one validation to the next
+    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(split_seed(seed, split))
             for i in range(0, x.shape[0], batch_size):
                 xb = k.prepare(module, x[i : i + batch_size].to(device), gen)
                 for name, v in k.metrics(module, xb).items():
