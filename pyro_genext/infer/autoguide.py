@@ -144,7 +144,7 @@ class AutoCouplingFlow(AutoContinuous):
     def __init__(
         self,
         model: Callable[..., Any],
-        num_layers: int = 6,
+        num_layers: int = 4,
         hidden_dims: Sequence[int] | None = None,
         affine: str = "diagonal",
         init_loc_fn: Callable[..., Any] = init_to_median,

@@ -40,10 +40,9 @@ class Affine(Bijector):
     Example::
 
         >>> t = Affine(2, loc=torch.tensor([1.0, -1.0]), scale=0.5)
-        >>> t(torch.ones(2))
-        tensor([ 1.5000, -0.5000], grad_fn=<AddBackward0>)
-        >>> t.log_abs_det_jacobian(torch.ones(2), t(torch.ones(2)))
-        tensor(-1.3863, grad_fn=<ExpandBackward0>)
+        >>> y = t(torch.ones(2))
+        >>> y.detach(), t.log_abs_det_jacobian(torch.ones(2), y).detach()
+        (tensor([ 1.5000, -0.5000]), tensor(-1.3863))
     """
 
     def __init__(
