@@ -148,7 +148,7 @@ class AutoCouplingFlow(AutoContinuous):
         hidden_dims: Sequence[int] | None = None,
         affine: str = "diagonal",
         init_loc_fn: Callable[..., Any] = init_to_median,
-        init_scale: float = 0.1,
+        init_scale: float = 1.0,
         create_plates: Callable[..., Any] | None = None,
         stl: bool = False,
         scale_bound: float | None = 2.0,

@@ -102,9 +102,13 @@ def bimodal(offset: float = 1.5, scale: float = 0.7) -> Target:
     locs = torch.tensor([[offset, offset], [-offset, -offset]])
 
     def model() -> None:
-        mix = dist.Categorical(torch.ones(2))
-        comp = dist.Normal(locs, scale).to_event(1)
-        pyro.sample("z", dist.MixtureSameFamily(mix, comp))
+        # z is given a standard normal site and the factor turns it into the mixture
+        # exactly (so the evidence stays 1); a MixtureSameFamily site would do too, but
+        # torch cannot map its support to the real line, which AutoContinuous needs
+        base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+        z = pyro.sample("z", base)
+        mix = dist.MixtureSameFamily(dist.Categorical(torch.ones(2)), dist.Normal(locs, scale).to_event(1))
+        pyro.factor("mixture", mix.log_prob(z) - base.log_prob(z))
 
     sd = math.sqrt(scale**2 + offset**2)
     return Target("bimodal", model, mean={"z": torch.zeros(2)}, sd={"z": torch.full((2,), sd)},
