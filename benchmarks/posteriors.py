@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         target = TARGETS[mname]()
         ref = reference(target, a)
         rdesc = "exact" if ref.get("exact") else (
-            f"NUTS {ref['chains']}x{ref['samples']} (warmup {ref['warmup']}), max R-hat {ref['rhat_max']:.3f}")
+            f"NUTS {ref['chains']}x{ref['samples']} (warmup {ref['warmup']}), "
+            f"max R-hat {ref['rhat_max']:.3f}")
         print(f"\n## {mname}  (reference: {rdesc})", flush=True)
         hdr = (f"{'guide':24s} {'ELBO':>8s} {'log Z':>8s} {'k-hat':>6s} {'mean err':>9s} "
                f"{'sd err':>7s} {'+IR mean':>9s} {'+IR sd':>7s} {'neck sd':>8s} {'ms/step':>8s} "
