@@ -30,6 +30,8 @@ CONFIGS = {
     "L4 auto diag s1": dict(num_layers=4, init_scale=1.0),
     "L4 h(64,64) diag s1": dict(num_layers=4, hidden_dims=(64, 64), init_scale=1.0),
     "L4 auto full s1": dict(num_layers=4, affine="full", init_scale=1.0),
+    "L4 h(32,) diag s1": dict(num_layers=4, hidden_dims=(32,), init_scale=1.0),
+    "L2 h(32,) diag s1": dict(num_layers=2, hidden_dims=(32,), init_scale=1.0),
 }
 
 

@@ -131,6 +131,10 @@ class AutoCouplingFlow(AutoContinuous):
         scale_bound: bound of each affine coupling's log-scale (RealNVP only).
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.
 
+    Names: as with Pyro's autoguides, the parameters are named after the class, so two
+    ``AutoRealNVP`` guides in one session share them; clear the param store
+    (``pyro.clear_param_store()``) before fitting another model.
+
     Saving and loading: the guide's parameters live in Pyro's param store under the
     guide's name (``"AutoRealNVP.flow$$$..."``), as those of any ``PyroModule``.
     ``pyro.get_param_store().save(path)`` and, in a new session, ``load(path)`` before
@@ -259,6 +263,8 @@ class AutoCouplingFlow(AutoContinuous):
         Example::
 
             >>> import pyro, pyro.distributions as dist
+        >>> pyro.clear_param_store()  # guides of one class share parameter names
+            >>> pyro.clear_param_store()
             >>> def model():
             ...     pyro.sample("x", dist.LogNormal(0.0, 1.0))
             >>> AutoRealNVP(model, init_scale=1.0).median()["x"].shape
@@ -294,6 +300,7 @@ class AutoRealNVP(AutoCouplingFlow):
     Example::
 
         >>> import pyro, pyro.distributions as dist
+        >>> pyro.clear_param_store()  # guides of one class share parameter names
         >>> from pyro.infer import SVI, Trace_ELBO
         >>> def model():
         ...     x = pyro.sample("x", dist.Normal(0.0, 3.0))
@@ -321,6 +328,7 @@ class AutoNICE(AutoCouplingFlow):
     Example::
 
         >>> import pyro, pyro.distributions as dist
+        >>> pyro.clear_param_store()  # guides of one class share parameter names
         >>> def model():
         ...     pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
         >>> guide = AutoNICE(model, num_layers=2, hidden_dims=(8,))
