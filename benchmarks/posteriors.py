@@ -54,6 +54,7 @@ GUIDES: dict[str, Any] = {
     "AutoNICE": AutoNICE,
     "AutoRealNVP": AutoRealNVP,
     "AutoRealNVP-stl": partial(AutoRealNVP, stl=True),
+    "AutoRealNVP-full": partial(AutoRealNVP, affine="full"),
     # about AutoIAFNormal's parameter count, for the step-time comparison
     "AutoRealNVP-small": partial(AutoRealNVP, hidden_dims=(32,)),
 }

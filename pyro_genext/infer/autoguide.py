@@ -117,7 +117,9 @@ class AutoCouplingFlow(AutoContinuous):
         hidden_dims: widths of each coupling's conditioner MLP; default
             ``(max(32, 4 D),) * 2``.
         affine: ``"diagonal"`` (the affine stage of ``AutoNormal``) or ``"full"``
-            (that of ``AutoMultivariateNormal``, :math:`O(D^2)` parameters).
+            (that of ``AutoMultivariateNormal``, :math:`O(D^2)` parameters); prefer
+            ``"full"`` for nearly Gaussian posteriors with strong correlations (measured
+            in docs/api/infer.rst).
         init_loc_fn: per-site initialisation of :math:`\mu`, as in Pyro's autoguides.
         init_scale: initial :math:`\sigma` of every unconstrained coordinate.
         create_plates: as in Pyro's autoguides, for subsampling.
