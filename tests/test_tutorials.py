@@ -23,6 +23,7 @@ TUTORIALS = {
     "nice.py": ["samples.png"],
     "realnvp.py": ["samples.png"],
     "density_2d.py": ["densities.png"],
+    "bayesian_flow_guides.py": ["pairs.png", "forest.png", "khat.png"],
 }
 
 
