@@ -245,11 +245,6 @@ def test_predictive_guide_list_and_handlers():
     assert g2.latent_dim == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 7: FlowTransform's cache key reads tensor version counters, which "
-    "inference tensors lack ('Inference tensors do not track version counter')",
-)
 def test_inference_mode():
     guide = AutoRealNVP(regression, num_layers=2, hidden_dims=(8,)).setup(X, Y)
     with torch.inference_mode():
