@@ -368,9 +368,10 @@ class VAE(PyroModule):
     # ------------------------------------------------------------------ pieces
     @property
     def sigma(self) -> torch.Tensor | None:
-        """The Gaussian likelihood's standard deviation (``None`` for Bernoulli)."""
+        """The Gaussian likelihood's standard deviation now, detached (``None`` for
+        Bernoulli)."""
         ls = self.decoder.log_sigma
-        return None if ls is None else ls.exp()
+        return None if ls is None else ls.detach().exp()
 
     def likelihood_dist(self, z: torch.Tensor) -> dist.TorchDistribution:
         r""":math:`p(x \mid z)` for latents ``z`` of shape ``(*batch, z_dim)``, batch shape
