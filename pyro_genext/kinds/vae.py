@@ -31,7 +31,8 @@ comparable. With ``--likelihood gaussian`` the model sees the intensities in
 Validation reports ``nelbo``, minus the ELBO in nats per example (one draw per example),
 and selects ``best.pt`` by it. ``evaluate`` reports the test ELBO (``--elbo-particles``
 draws) and the IWAE estimate of :math:`\log p(x)` with ``--num-samples K`` (default 5000),
-both in nats per example (higher is better); ``--num-examples N`` scores the first ``N``
+both in nats per example (higher is better), with seeded latent draws, so the numbers are
+reproducible; ``--num-examples N`` scores the first ``N``
 images only (5000 importance samples per image are slow on a CPU). ``sample`` writes a
 grid of samples (the decoder's means at prior draws), one of test images above their
 reconstructions, and with ``--latent`` a scatter of the test set's latent means coloured
@@ -50,6 +51,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,9 +157,22 @@ def prepare(m: Any, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return intensities(x, levels)
 
 
+@contextmanager
+def _fixed_noise(x: torch.Tensor) -> Iterator[None]:
+    """Latent draws from a generator seeded afresh, with torch's global state restored
+    afterwards: validation neither disturbs the training stream (which bit-exact
+    ``--resume`` replays; an extra validation at the end of a shorter run would otherwise
+    shift it) nor varies between passes, so checkpoints are compared on the same noise."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        yield
+
+
 def metrics(m: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``nelbo``: minus the ELBO of each (prepared) example, nats, one draw."""
-    return {"nelbo": -m.elbo(x)}
+    """``nelbo``: minus the ELBO of each (prepared) example, nats, one seeded draw."""
+    with _fixed_noise(x):
+        return {"nelbo": -m.elbo(x)}
 
 
 def progress(m: Any, value: float) -> tuple[str, float]:
@@ -170,7 +186,8 @@ def evaluate(m: Any, data: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     x = data.x if args.num_examples is None else data.x[: args.num_examples]
 
     def both(module: Any, xb: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"elbo": module.elbo(xb, num_particles=p), "iwae": module.iwae_log_likelihood(xb, k)}
+        with _fixed_noise(xb):
+            return {"elbo": module.elbo(xb, num_particles=p), "iwae": module.iwae_log_likelihood(xb, k)}
 
     # the same fixed binarisation as validation: the engine's per-example pass with its
     # seeded generator, with both scores as the metrics
