@@ -23,6 +23,8 @@ TUTORIALS = {
     "nice.py": ["samples.png"],
     "realnvp.py": ["samples.png"],
     "density_2d.py": ["densities.png"],
+    "vae.py": ["samples.png", "reconstructions.png", "latent.png"],
+    "vae_flow_posterior.py": ["gaps.png", "posteriors.png"],
 }
 
 
