@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from .binarize import binarize, intensities
+from .binarization import binarize, intensities
 from .dataset import SPLITS, Dataset, check_seed, check_split
 from .digits import digits
 from .idx import CorruptFileError, read_idx, write_idx

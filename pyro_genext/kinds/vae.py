@@ -10,7 +10,7 @@ the training engine.
     pyro-genext sample runs/vae --out samples.png --latent
 
 **Data.** Images come as grey levels :math:`0 .. L-1`. With the Bernoulli likelihood
-(default) the model sees binary images (:mod:`pyro_genext.data.binarize`): training
+(default) the model sees binary images (:mod:`pyro_genext.data.binarization`): training
 batches are binarised afresh each time they are used (dynamic binarisation, a Bernoulli
 draw with the pixel's intensity :math:`v/(L-1)` as probability, as Burda et al. 2016), and
 validation and test images once, from a generator seeded by the run's seed and the split

@@ -63,18 +63,13 @@ log-likelihood, and as an objective it trains the decoder against a tighter boun
 Which Pyro ELBO does what
 -------------------------
 
-==========================================================  ========================================
-``SVI(vae.model, vae.guide, optim, Trace_ELBO())``          the ELBO, one reparameterised draw
-``TraceMeanField_ELBO()``                                   the same ELBO with the closed-form KL
-                                                            above (Gaussian posterior only; with a
-                                                            flow posterior it falls back to Monte
-                                                            Carlo, as ``Trace_ELBO``)
-``RenyiELBO(alpha=0, num_particles=K)``                     the importance-weighted bound
-                                                            :math:`\mathcal{L}_K` (IWAE)
-``ImportanceWeightedELBO(num_particles=K)``                  the same bound, with the
-                                                            ``differentiable_loss`` a torch training
-                                                            loop needs, unbiased for minibatches
-==========================================================  ========================================
+* ``SVI(vae.model, vae.guide, optim, Trace_ELBO())``: the ELBO, one reparameterised draw.
+* ``TraceMeanField_ELBO()``: the same ELBO with the closed-form KL above (Gaussian
+  posterior only; with a flow posterior it falls back to Monte Carlo, as ``Trace_ELBO``).
+* ``RenyiELBO(alpha=0, num_particles=K)``: the importance-weighted bound
+  :math:`\mathcal{L}_K` (IWAE).
+* :class:`ImportanceWeightedELBO` ``(num_particles=K)``: the same bound, with the
+  ``differentiable_loss`` a torch training loop needs, and unbiased for minibatches.
 
 :meth:`VAE.elbo` and :meth:`VAE.iwae_log_likelihood` compute :math:`\mathcal{L}` and
 :math:`\mathcal{L}_K` per example for evaluation, in nats.
