@@ -32,6 +32,9 @@ Usage::
     python benchmarks/vae.py quality --data digits --epochs 100 --seeds 0,1,2
     python benchmarks/vae.py quality --data fashion-mnist --epochs 3 --iwae-examples 100
     python benchmarks/vae.py timing --data fashion-mnist
+    python benchmarks/vae.py curve --run runs/vae --out curve.png   # a training run's curve
+
+``curve``: the validation -ELBO per epoch of a ``pyro-genext train vae`` run, as a figure.
 """
 
 from __future__ import annotations
@@ -277,9 +280,37 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     return {"seconds_per_epoch": results, "steps_per_epoch": steps_per_epoch}
 
 
+def curve(args: argparse.Namespace) -> dict[str, Any]:
+    """The learning curve of a ``pyro-genext train vae`` run: validation -ELBO per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    state = load_checkpoint(args.run / "last.pt")
+    hist = state["history"]
+    epochs = [h["epoch"] + 1 for h in hist]
+    nelbo = [h["nelbo_mean"] for h in hist]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, nelbo, marker=".")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation -ELBO (nats/image)")
+    s = state["settings"]
+    ax.set_title(f"{s['data']}: z_dim {s['z_dim']}, hidden {s['hidden']}, batch {s['batch_size']}")
+    ax.grid(alpha=0.3)
+    fig.savefig(args.out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    best = min(range(len(nelbo)), key=nelbo.__getitem__)
+    print(f"{len(hist)} validations; best -ELBO {nelbo[best]:.3f} at epoch {epochs[best]}, last "
+          f"{nelbo[-1]:.3f}; figure in {args.out}")
+    return {"epochs": epochs, "val_nelbo": nelbo, "step": state["step"]}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "timing"))
+    p.add_argument("what", choices=("quality", "timing", "curve"))
+    p.add_argument("--run", type=Path, default=None, help="curve: the run folder")
+    p.add_argument("--out", type=Path, default=Path("vae_curve.png"), help="curve: the figure")
     p.add_argument("--quick", action="store_true", help="smoke test: digits, 2 epochs, K=50")
     p.add_argument("--data", default="digits", choices=("digits", "fashion-mnist", "mnist"))
     p.add_argument("--epochs", type=int, default=20)
@@ -313,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     machine = _machine(1)
-    out = quality(args) if args.what == "quality" else timing(args)
+    out = {"quality": quality, "timing": timing, "curve": curve}[args.what](args)
     out.update(machine=machine, loadavg_end=__import__("os").getloadavg(), command=sys.argv,
                settings={k: v for k, v in vars(args).items() if k != "json"})
     print(f"load average at the start {machine['loadavg_start']}, at the end {out['loadavg_end']}")
