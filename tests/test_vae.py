@@ -385,13 +385,23 @@ def test_bad_input_fails_before_any_computation():
         VAE(6, 1, posterior_flow="nice")
 
 
-def test_two_models_with_one_name_refuse_to_share_the_param_store():
+def test_the_vae_that_runs_owns_its_names_in_the_param_store():
+    """Two VAEs under one name (e.g. a model rebuilt from a checkpoint in the session that
+    trained it): SVI must train the tensors of the VAE it runs, never the other's."""
     a, b = VAE(6, 2, hidden_dims=(8,)), VAE(6, 2, hidden_dims=(8,))
     x = torch.rand(3, 6).bernoulli()
     a.guide(x)
-    with pytest.raises(RuntimeError, match="param store"):
-        b.guide(x)
-    VAE(6, 2, hidden_dims=(8,), name="other").guide(x)
+    a.model(x)
+    before_a = {k: p.detach().clone() for k, p in a.named_parameters()}
+    before_b = {k: p.detach().clone() for k, p in b.named_parameters()}
+    svi = SVI(b.model, b.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x)
+    assert all(torch.equal(p, before_a[k]) for k, p in a.named_parameters())
+    moved = [k for k, p in b.named_parameters() if not torch.equal(p, before_b[k])]
+    assert "encoder.loc.weight" in moved and "decoder.head.0.weight" in moved
+    store = pyro.get_param_store()
+    assert store["encoder$$$loc.weight"] is b.encoder.loc.weight
 
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])

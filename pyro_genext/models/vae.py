@@ -455,17 +455,17 @@ class VAE(PyroModule):
         return size
 
     def _register(self, part: str, module: nn.Module) -> None:
-        """``pyro.module`` with a guard: another model's tensors under our names would make
-        SVI optimise them instead of ours, silently."""
+        """``pyro.module``, with this VAE's own tensors winning: a parameter of the same
+        name left in Pyro's param store by another module (an earlier VAE, or the one a
+        checkpoint was trained as) is replaced, so that ``SVI`` optimises the tensors this
+        VAE computes with. (Plain ``pyro.module`` would keep the stored tensor, and SVI
+        would then silently train that one instead.)"""
         prefix = f"{self._pyro_name}.{part}" if self._pyro_name else part
         store = pyro.get_param_store()
         for pname, p in module.named_parameters():
             full = param_with_module_name(prefix, pname)
             if full in store and store._params[full] is not p:
-                raise RuntimeError(
-                    f"Pyro's param store holds a parameter {full!r} that is not this VAE's: "
-                    f"call pyro.clear_param_store() or give each VAE its own name"
-                )
+                del store[full]
         pyro.module(prefix, module)
 
     # ------------------------------------------------------------------ evaluation
