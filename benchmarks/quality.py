@@ -61,7 +61,7 @@ from throughput import _machine  # noqa: E402
 from pyro_genext.data import load_dataset  # noqa: E402
 from pyro_genext.metrics import bits_per_dim  # noqa: E402
 from pyro_genext.models import FlowDensity  # noqa: E402
-from pyro_genext.transforms import LogitPreprocess  # noqa: E402
+from pyro_genext.transforms import LogitPreprocess, initialize  # noqa: E402
 
 ALPHA = 0.05
 EVAL_SEED = 1234
@@ -164,6 +164,9 @@ def run(name: str, data: Data, args: argparse.Namespace, seed: int) -> dict[str,
         x = data.train[perm[pos : pos + args.batch]]
         pos += args.batch
         z, ladj = data.to_flow_space(x + torch.rand(x.shape, generator=gen))
+        if step == 0 and name.startswith("ours"):
+            # the data-dependent start-up of ours' actnorms, on the first training batch
+            initialize(model.module, z)
         try:
             loss = -(model.log_prob(z) - ladj).mean()
             if not torch.isfinite(loss):

@@ -169,7 +169,8 @@ def _cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     module, kind, full, state = _load_run(args, "evaluate", rest)
     s = full.settings
     data = load_dataset(s["data"], full.split, root=full.root or s.get("root"), seed=s["seed"])
-    scores = kind.evaluate(module, data, full)
+    with torch.no_grad():
+        scores = kind.evaluate(module, data, full)
     result: dict[str, Any] = {**scores, "split": full.split, "data": s["data"], "model": kind.name,
                               "step": state["step"], "num_examples": len(data)}
     if full.json:
@@ -190,7 +191,8 @@ def _cmd_sample(args: argparse.Namespace, rest: list[str]) -> int:
     module, kind, full, _ = _load_run(args, "sample", rest)
     s = full.settings
     data = load_dataset(s["data"], "test", root=full.root or s.get("root"), seed=s["seed"])
-    paths = kind.sample(module, data, full)
+    with torch.no_grad():
+        paths = kind.sample(module, data, full)
     print(f"wrote {full.num} samples to {', '.join(str(q) for q in paths)}", file=sys.stderr)
     return 0
 

@@ -76,9 +76,15 @@ def _save(fig: Any, out: Path) -> Path:
     """Write ``fig`` to a temporary name, then rename it to ``out``; close it."""
     plt = _pyplot()
     tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OSError(f"cannot write {out} ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
     return out
 
 

@@ -178,17 +178,19 @@ def test_vector_realnvp_default_actnorm_after_each_coupling():
     parts = pg.realnvp(6, num_layers=3, hidden_dims=(8,)).parts
     kinds = [getattr(p, "elementwise", type(p)) for p in parts]
     assert kinds == ["affine", ActNorm] * 3
-    # scored first (a density model): the data-side actnorm standardises that batch
+    # started explicitly on a batch (a density model): the data-side actnorm standardises it
     flow = pg.realnvp(6, num_layers=2, hidden_dims=(8,))
     y = 5.0 + 3.0 * torch.randn(500, 6)
+    assert pg.transforms.initialize(flow, y) == 2
     z = flow.inv(y).detach()
     assert torch.allclose(z.mean(0), torch.zeros(6), atol=1e-4)
     assert torch.allclose(z.std(0), torch.ones(6), atol=1e-4)
-    # sampled first (a guide): every actnorm stays at the identity
+    # never started (a guide), whatever is called first: every actnorm stays the identity
     guide_flow = pg.realnvp(6, num_layers=2, hidden_dims=(8,))
     x = torch.randn(4, 6)
     assert torch.allclose(guide_flow(x), x, atol=1e-6)
-    assert all(bool(p.initialized) for p in guide_flow.parts if isinstance(p, ActNorm))
+    assert torch.allclose(guide_flow.inv(y), y, atol=1e-6)
+    assert not any(bool(p.initialized) for p in guide_flow.parts if isinstance(p, ActNorm))
 
 
 def test_vector_halves_take_the_slicing_path():
@@ -332,12 +334,14 @@ def test_actnorm_in_a_chain_run_initialises_as_on_its_own(shape):
     for c in twin.modules():  # the twin applies every part on its own
         if isinstance(c, Chain):
             c._plan = list(c._parts)
-    # scored in eval mode first: no initialisation either way (the layers stay as built)
-    flow.eval(), twin.eval()
+    # scored before initialize(): no start-up either way (the layers stay as built)
     assert torch.allclose(flow._inverse_and_ladj(y)[0], twin._inverse_and_ladj(y)[0])
     assert not any(bool(a.initialized) for a in flow.modules() if isinstance(a, ActNorm))
-    flow.train(), twin.train()
-    z, ladj = flow._inverse_and_ladj(y)  # first call in training mode: initialises actnorms
+    from pyro_genext.transforms import initialize
+
+    n = initialize(flow, y)
+    assert n == initialize(twin, y) > 0
+    z, ladj = flow._inverse_and_ladj(y)
     ref, ref_ladj = twin._inverse_and_ladj(y)
     assert torch.allclose(z, ref) and torch.allclose(ladj, ref_ladj)
     for a, b in zip(flow.modules(), twin.modules()):

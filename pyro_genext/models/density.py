@@ -28,6 +28,7 @@ from torch.distributions import Transform
 
 from ..metrics import bits_per_dim
 from ..transforms.base import FlowTransform, check_event_shape
+from ..transforms.normalization import initialize
 from ..transforms.preprocess import LevelScaling, LogitPreprocess
 
 __all__ = ["FlowDensity"]
@@ -61,12 +62,14 @@ class FlowDensity(PyroModule):
     The base :math:`p_Z` is a standard normal (``base="normal"``) or a standard logistic
     (``base="logistic"``, NICE's choice, :math:`\log p(z) = -z - 2\operatorname{softplus}(-z)`).
 
-    Training: ``SVI(m.model, m.guide, optim, Trace_ELBO())``; the guide is empty, so the
-    ELBO is the log-likelihood (of the dequantized data) and SVI is maximum likelihood.
-    :meth:`model` registers the flow's parameters in Pyro's param store under
+    Training: call :meth:`initialize` on the first training batch (it starts the flow's
+    :class:`~pyro_genext.transforms.ActNorm` layers from the data; without it they start
+    as the identity), then ``SVI(m.model, m.guide, optim, Trace_ELBO())``; the guide is
+    empty, so the ELBO is the log-likelihood (of the dequantized data) and SVI is maximum
+    likelihood. :meth:`model` registers the flow with ``pyro.module`` under
     ``"<name>.flow"`` (``"flow"`` when ``name`` is empty). Full-batch training, the same
-    data tensor every step, is safe with cached flows: the bijectors' cache never serves a
-    value computed with parameters that have since changed.
+    data tensor every step, is safe with cached flows: the bijectors' cache only answers
+    for tensors the flow itself returned (see :mod:`pyro_genext.transforms.base`).
 
     Cost: scoring (:meth:`log_prob`, :meth:`model`, :meth:`encode`) runs the flow's inverse
     once; sampling (:meth:`sample`, :meth:`decode`) runs it forward once.
@@ -93,6 +96,8 @@ class FlowDensity(PyroModule):
         >>> pyro.clear_param_store()
         >>> x = torch.randint(0, 17, (32, 1, 4, 4)).float()
         >>> m = FlowDensity(realnvp((1, 4, 4), hidden_channels=8, num_blocks=1), levels=17)
+        >>> m.initialize(x)  # start the 10 actnorm layers from the first batch
+        10
         >>> svi = SVI(m.model, m.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
         >>> loss = svi.step(x)
         >>> m.log_prob(x).shape, m.sample(3, quantize=True).shape
@@ -206,21 +211,35 @@ class FlowDensity(PyroModule):
     def guide(self, x: torch.Tensor) -> None:
         """Empty: the model has no latent sites, so SVI maximises the likelihood."""
 
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> int:
+        """Start the flow's :class:`~pyro_genext.transforms.ActNorm` layers from a batch
+        of training data ``x`` (shape ``(N, *event_shape)``), prepared as :meth:`model`
+        prepares it (dequantized when the model dequantizes); layers already started (a
+        loaded checkpoint) are left alone. Returns the number of layers started. See
+        :func:`~pyro_genext.transforms.initialize`."""
+        noise = self.levels is not None and self.dequantize
+        x = self._check_data(x, "levels" if noise else "range", batched=True)
+        if noise:
+            x = x + torch.rand_like(x)
+        h = x if self.preprocess is None else self.preprocess.inv(x)
+        return initialize(self.flow, h)
+
     def _register_flow(self) -> None:
         if not isinstance(self.flow, nn.Module):
             return
         prefix = f"{self._pyro_name}.flow" if self._pyro_name else "flow"
+        pyro.module(prefix, self.flow)
+        # pyro.module leaves a clashing parameter of another model in the store silently
+        # (SVI would then train that one): refuse instead
         store = pyro.get_param_store()
         for pname, p in self.flow.named_parameters():
-            if not p.requires_grad:
-                continue
             full = param_with_module_name(prefix, pname)
-            if full in store and store[full] is not p:
+            if p.requires_grad and store[full] is not p:
                 raise RuntimeError(
                     f"Pyro's param store holds a parameter {full!r} that is not this model's: "
                     f"call pyro.clear_param_store() or give each FlowDensity its own name"
                 )
-            pyro.param(full, p)
 
     # ------------------------------------------------------------------ sampling
     def sample(

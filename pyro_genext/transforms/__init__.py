@@ -13,7 +13,7 @@ from .coupling import (
     RealNVPCoupling,
 )
 from .masks import alternating_mask, channel_mask, checkerboard_mask, half_mask
-from .normalization import ActNorm, BatchNormFlow
+from .normalization import ActNorm, BatchNormFlow, initialize
 from .scaling import DiagonalScaling
 from .squeeze import Squeeze
 
@@ -37,6 +37,7 @@ __all__ = [
     "check_event_shape",
     "checkerboard_mask",
     "half_mask",
+    "initialize",
     "sum_rightmost",
 ]
 

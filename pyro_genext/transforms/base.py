@@ -1,4 +1,5 @@
-"""The bijector base: torch's ``Transform`` contract, whole, with a cache that is safe to train with.
+"""The bijector base: torch's ``Transform`` contract, whole, with a cache that is safe to
+train with and to take anywhere.
 
 Direction, once for the whole package: **forward is base -> data**, as in
 :class:`~torch.distributions.TransformedDistribution`. Sampling calls ``_call``;
@@ -10,28 +11,38 @@ forward log-determinant together, so one pass of a conditioner network serves bo
 * ``_forward_and_ladj(x) -> (y, log|det dy/dx|)``
 * ``_inverse_and_ladj(y) -> (x, log|det dy/dx|)``
 
-:class:`FlowTransform` turns them into the torch contract. Two memories are kept:
+**How the cache works.** With ``cache_size=1`` (what the recipes, ``condition(context)``
+and everything that samples then scores return) a transform remembers one thing: the
+pair its last call *produced*, keyed on the very tensor it returned. After ``y = t(x)``,
+``t.inv(y)`` returns ``x`` itself and ``t.log_abs_det_jacobian(x, y)`` is served without
+running a network; after ``x = t.inv(y)`` (scoring), ``log_abs_det_jacobian(x, y)`` is
+served the same way. So a guide's ``rsample`` then ``log_prob``, and a density's
+``log_prob``, run each conditioner once. A tensor the transform did not return (the
+observed data, a tensor made under another parameter set, a copy) is never looked up:
+it is always computed afresh. The remembered pair is also dropped or ignored when it
+could be wrong:
 
-* the torch cache (``cache_size=1``): ``t.inv(t(x))`` returns ``x`` itself, so a guide
-  that samples and then scores runs each network once;
-* a one-entry log-det memo (always on): ``log_abs_det_jacobian(x, y)`` for the pair the
-  transform has just produced is served without running the network again.
+* the returned tensor or its input was changed in place (their version counters moved);
+* any parameter or buffer was changed in place (an optimiser step) or swapped for
+  another tensor (``torch.func.functional_call``);
+* the pair was computed without gradients and gradients are now wanted;
+* the returned tensor was garbage-collected: the entry goes with it, so nothing the
+  user dropped (an input, a log-determinant's autograd graph) is kept alive;
+* inference tensors (``torch.inference_mode``) and code being compiled are never cached.
 
-Both are keyed not only on the identity of the tensors (as torch's cache is) but
-also on the version counters of the transform's parameters and buffers, of the input
-tensor and on the grad mode. An optimiser step changes parameters in place, which bumps
-their versions, so a value computed with old parameters is never served. Without that,
-the common full-batch training loop (the same data tensor every step) reuses the graph of
-the previous step and fails with "Trying to backward through the graph a second time".
+With ``cache_size=0`` nothing is remembered, as torch's contract says:
+``log_abs_det_jacobian`` then runs the network again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
+from torch import nn
 from torch.distributions import Transform, constraints
 
 __all__ = ["FlowTransform", "Bijector", "check_event_shape", "sum_rightmost"]
@@ -57,8 +68,52 @@ def check_event_shape(
         )
 
 
-def _versions(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors)
+def _module_tensors(roots: Iterable[nn.Module]) -> Iterator[torch.Tensor]:
+    """Every parameter and buffer under ``roots``, read from the modules' own dicts (so a
+    tensor swapped in by ``functional_call`` is the one seen), without the cost of
+    ``named_parameters``' prefixes and de-duplication."""
+    stack = list(roots)
+    while stack:
+        m = stack.pop()
+        for p in m._parameters.values():
+            if p is not None:
+                yield p
+        for b in m._buffers.values():
+            if b is not None:
+                yield b
+        stack.extend(c for c in m._modules.values() if c is not None)
+
+
+class _Entry:
+    """What one call produced: ``out`` (held weakly) from ``inp``, with the log-det."""
+
+    __slots__ = ("out", "out_version", "inp", "inp_version", "ladj", "forward", "grad",
+                 "state", "state_ids", "state_versions", "__weakref__")
+    out: weakref.ref[torch.Tensor]
+    out_version: int
+    inp: torch.Tensor
+    inp_version: int
+    ladj: torch.Tensor
+    forward: bool
+    grad: bool
+    state: list[torch.Tensor]
+    state_ids: tuple[int, ...]
+    state_versions: tuple[int, ...]
+
+    def matches(self, owner: FlowTransform) -> bool:
+        out = self.out()
+        if out is None:
+            return False
+        try:
+            if out._version != self.out_version or self.inp._version != self.inp_version:
+                return False
+        except RuntimeError:  # pragma: no cover - an inference tensor slipped in
+            return False
+        if not self.grad and torch.is_grad_enabled():
+            return False
+        state = list(owner._state_tensors())
+        return (tuple(map(id, state)) == self.state_ids
+                and tuple(t._version for t in state) == self.state_versions)
 
 
 class FlowTransform(Transform):
@@ -67,6 +122,7 @@ class FlowTransform(Transform):
     Subclasses set :attr:`event_shape` (the shape of one event in the domain) and
     implement ``_forward_and_ladj`` / ``_inverse_and_ladj``. Shape-changing subclasses
     (e.g. :class:`~pyro_genext.transforms.Squeeze`) also set ``codomain_event_shape``.
+    See the module docstring for how the cache works.
     """
 
     bijective = True
@@ -112,79 +168,102 @@ class FlowTransform(Transform):
     def _inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _state_tensors(self) -> Iterable[torch.Tensor]:
-        """Tensors whose in-place change invalidates the caches (parameters, buffers)."""
+    def _state_modules(self) -> list[nn.Module]:
+        """The modules that hold this transform's parameters and buffers."""
+        return [self] if isinstance(self, nn.Module) else []
+
+    def _extra_state(self) -> tuple[torch.Tensor, ...]:
+        """Tensors the map depends on that no module holds (a conditioning context)."""
         return ()
 
+    def _state_tensors(self) -> Iterable[torch.Tensor]:
+        """Tensors whose change invalidates the cache: every parameter and buffer of
+        :meth:`_state_modules`, and :meth:`_extra_state`."""
+        yield from _module_tensors(self._state_modules())
+        yield from self._extra_state()
+
     # ------------------------------------------------------------------ caching
-    def _key(self, value: torch.Tensor) -> tuple[Any, ...]:
-        training = getattr(self, "training", None)
-        return (torch.is_grad_enabled(), training, value._version, _versions(self._state_tensors()))
+    def _remember(self, inp: torch.Tensor, out: torch.Tensor, ladj: torch.Tensor,
+                  forward: bool) -> None:
+        if torch.compiler.is_compiling() or inp.is_inference() or out.is_inference():
+            return
+        try:
+            state = list(self._state_tensors())
+            e = _Entry()
+            e.out_version, e.inp_version = out._version, inp._version
+            e.state_versions = tuple(t._version for t in state)
+        except RuntimeError:  # inference tensors (no version counter) or functorch wrappers
+            return
+        e.inp, e.ladj, e.forward, e.grad = inp, ladj, forward, torch.is_grad_enabled()
+        e.state, e.state_ids = state, tuple(map(id, state))  # held: ids cannot be reused
+        owner = weakref.ref(self)
+        entry = weakref.ref(e)
 
-    def _remember(self, x: torch.Tensor, y: torch.Tensor, ladj: torch.Tensor, probe: str,
-                  key: Any) -> None:
-        self.__dict__["_memo"] = (x, y, ladj, probe, key)
+        def forget(_: Any) -> None:  # the returned tensor died: drop what it pinned
+            o = owner()
+            if o is not None and o.__dict__.get("_entry") is entry():
+                o.__dict__["_entry"] = None
 
-    def _lookup(self, x: torch.Tensor | None, y: torch.Tensor | None) -> Any:
-        """The memo ``(x, y, ladj, ...)`` if it holds for these tensors now, else None.
+        e.out = weakref.ref(out, forget)
+        self.__dict__["_entry"] = e
 
-        The memo is valid while the tensor it was computed *from* (``x`` forward, ``y``
-        inverse) is at the same version, with the same parameter versions, grad mode and
-        training mode; every tensor given must be the very object remembered.
-        """
-        memo = self.__dict__.get("_memo")
-        if memo is None:
+    def _served(self, value: torch.Tensor, forward_entry: bool) -> _Entry | None:
+        """The entry whose returned tensor is ``value``, from a forward call
+        (``forward_entry``) or an inverse call, if it is still right."""
+        e = self.__dict__.get("_entry")
+        if e is None or e.forward != forward_entry or e.out() is not value:
             return None
-        mx, my, _, probe, key = memo
-        if (x is not None and x is not mx) or (y is not None and y is not my):
+        if torch.compiler.is_compiling() or not e.matches(self):
             return None
-        if key != self._key(mx if probe == "x" else my):
-            return None
-        return memo
+        return e
 
     def clear_cache(self) -> None:
-        """Forget the cached pair and log-determinant (they also expire by themselves)."""
-        self.__dict__["_memo"] = None
+        """Forget the remembered pair (it also expires by itself, see the module doc)."""
+        self.__dict__["_entry"] = None
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         check_event_shape(x, self.event_shape)
-        key = self._key(x)
         y, ladj = self._forward_and_ladj(x)
-        self._remember(x, y, ladj, "x", key)
+        if self._cache_size == 1:
+            self._remember(x, y, ladj, forward=True)
         return y
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         check_event_shape(y, self.codomain_event_shape)
-        key = self._key(y)
         x, ladj = self._inverse_and_ladj(y)
-        self._remember(x, y, ladj, "y", key)
+        if self._cache_size == 1:
+            self._remember(y, x, ladj, forward=False)
         return x
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._cache_size == 1:
-            memo = self._lookup(x, None)
-            if memo is not None:
-                return memo[1]
+            e = self._served(x, forward_entry=False)  # x = t.inv(y) returned earlier
+            if e is not None:
+                return e.inp
         return self._call(x)
 
     def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
         if self._cache_size == 1:
-            memo = self._lookup(None, y)
-            if memo is not None:
-                return memo[0]
+            e = self._served(y, forward_entry=True)  # y = t(x) returned earlier
+            if e is not None:
+                return e.inp
         return self._inverse(y)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        memo = self._lookup(x, y)
-        if memo is not None:
-            return memo[2]
+        if self._cache_size == 1:
+            e = self._served(y, forward_entry=True)
+            if e is not None and e.inp is x:
+                return e.ladj
+            e = self._served(x, forward_entry=False)
+            if e is not None and e.inp is y:
+                return e.ladj
         check_event_shape(x, self.event_shape)
         return self._forward_and_ladj(x)[1]
 
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # drops the weak inverse
-        state["_memo"] = None
+        state["_entry"] = None  # weak references cannot be copied; a copy starts empty
         state.pop("_cached_x_y", None)
         return state
 
@@ -201,21 +280,28 @@ class FlowTransform(Transform):
 class Bijector(FlowTransform, TransformModule):
     """Base of every learnable bijector: a :class:`FlowTransform` and an ``nn.Module``.
 
-    ``with_cache(k)`` returns a view that shares every parameter and differs only in its
-    cache size, as torch's contract asks.
+    ``with_cache(k)`` returns a view that shares every parameter, buffer and the
+    training flag, and differs only in its cache size, as torch's contract asks.
     """
 
     def __init__(self, event_shape: tuple[int, ...] | torch.Size, cache_size: int = 0) -> None:
         super().__init__(cache_size=cache_size)
         self.event_shape = tuple(int(s) for s in event_shape)
-        self.__dict__["_memo"] = None
+        self.__dict__["_entry"] = None
 
-    def _state_tensors(self) -> Iterable[torch.Tensor]:
-        # Buffers count only in eval mode: in training mode the running averages of a
-        # normalisation layer change during every scoring pass but do not enter its output.
-        yield from self.parameters()
-        if not self.training:
-            yield from self.buffers()
+    # The training flag lives in a cell that with_cache views share, so that
+    # ``original.eval()`` also switches every view (nn.Module keeps it per object).
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        return self.__dict__.get("_mode", [True])[0]
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        cell = self.__dict__.get("_mode")
+        if cell is None:
+            self.__dict__["_mode"] = [bool(mode)]
+        else:
+            cell[0] = bool(mode)
 
     def with_cache(self, cache_size: int = 1) -> Bijector:
         if cache_size == self._cache_size:
@@ -223,8 +309,8 @@ class Bijector(FlowTransform, TransformModule):
         if cache_size not in (0, 1):
             raise ValueError(f"cache_size must be 0 or 1, got {cache_size}")
         other = object.__new__(type(self))
-        other.__dict__.update(self.__dict__)  # shares _parameters, _modules, _buffers
-        other.__dict__["_memo"] = None
+        other.__dict__.update(self.__dict__)  # shares _parameters, _modules, _buffers, _mode
+        other.__dict__["_entry"] = None
         other.__dict__["_inv"] = None
         other._cache_size = cache_size
         if cache_size == 1:
@@ -236,4 +322,3 @@ class Bijector(FlowTransform, TransformModule):
 
     def extra_repr(self) -> str:
         return f"event_shape={self.event_shape}"
-

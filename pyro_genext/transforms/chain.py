@@ -3,7 +3,7 @@ architecture with factor-out."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,8 +56,11 @@ class Chain(Bijector):
                     f"{i - 1} produces {parts[i - 1].codomain_event_shape}"
                 )
         super().__init__(parts[0].event_shape, cache_size=cache_size)
-        self.parts = nn.ModuleList([p for p in parts if isinstance(p, nn.Module)])
+        # every module a part keeps its parameters in, the cores of conditioned parts too,
+        # so that .parameters() and pyro.module see the whole flow
+        self.parts = nn.ModuleList([m for p in parts for m in p._state_modules()])
         self._parts = parts
+        self._extra = tuple(t for p in parts for t in p._extra_state())
         self._out_shape = parts[-1].codomain_event_shape
         self._plan = self._make_plan(parts)
 
@@ -138,9 +141,8 @@ class Chain(Bijector):
     def _inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._apply_plan(y, inverse=True)
 
-    def _state_tensors(self) -> Iterable[torch.Tensor]:
-        for p in self._parts:
-            yield from p._state_tensors()
+    def _extra_state(self) -> tuple[torch.Tensor, ...]:
+        return self._extra
 
     def __len__(self) -> int:
         return len(self._parts)

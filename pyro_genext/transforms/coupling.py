@@ -304,20 +304,22 @@ class _ConditionedCoupling(FlowTransform):
     """A conditional coupling with its context fixed. It holds no state of its own beyond
     the context and its cache, so several can coexist."""
 
-    def __init__(self, core: MaskedCoupling, context: torch.Tensor, cache_size: int = 0):
+    def __init__(self, core: MaskedCoupling, context: torch.Tensor, cache_size: int = 1):
         super().__init__(cache_size=cache_size)
         self.core = core
         self.context = context
         self.event_shape = core.event_shape
-        self.__dict__["_memo"] = None
+        self.__dict__["_entry"] = None
 
     @property
     def training(self) -> bool:
         return self.core.training
 
-    def _state_tensors(self) -> Any:
-        yield self.context
-        yield from self.core._state_tensors()
+    def _state_modules(self) -> list[nn.Module]:
+        return [self.core]
+
+    def _extra_state(self) -> tuple[torch.Tensor, ...]:
+        return (self.context,)
 
     def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.core._couple(x, self.context, inverse=False)
@@ -336,8 +338,9 @@ class ConditionalMaskedCoupling(ConditionalTransformModule):
     context vector, :math:`y_B = g(x_B; \theta(x_A, c))`.
 
     ``condition(context)`` returns a transform for one context ``(context_dim,)`` or one
-    context per batch row ``(*batch, context_dim)``; it does not mutate this module, so
-    transforms conditioned on different contexts coexist.
+    context per batch row ``(*batch, context_dim)``, with ``cache_size=1`` (a guide samples
+    then scores with one conditioner pass); it does not mutate this module, so transforms
+    conditioned on different contexts coexist.
 
     Cost: conditioning only stores the context; sampling and scoring then cost one
     conditioner pass each, as for :class:`MaskedCoupling`.

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+from torch.distributions import Transform
 
-from .base import Bijector
+from .base import Bijector, FlowTransform, check_event_shape
 
-__all__ = ["ActNorm", "BatchNormFlow"]
+__all__ = ["ActNorm", "BatchNormFlow", "initialize"]
 
 
 def _as_shape(event_shape: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -44,21 +46,40 @@ class _PerChannel(Bijector):
         return x.shape[: x.dim() - len(self.event_shape)]
 
 
+def _pooled(stats: torch.Tensor) -> torch.Tensor:
+    """Sums over every process when ``torch.distributed`` is running."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stats)
+    return stats
+
+
 class ActNorm(_PerChannel):
     r"""Activation normalisation: :math:`y = x \odot \exp(s) + b` per channel,
     :math:`\log|\det J| = HW \sum_c s_c` (:math:`\sum_i s_i` for vectors).
 
-    Data-dependent initialisation: the first scoring call (``inv``) in training mode sets
-    :math:`b` and :math:`s` so that the latent has zero mean and unit variance per channel
-    on that batch; afterwards they are ordinary parameters. If the first call samples
-    instead, the layer keeps its identity initialisation. An exact bijection in both train
-    and eval mode. Cost: one element-wise affine map either way.
+    **Start-up, by one explicit rule.** A new layer is the identity (:math:`s = b = 0`),
+    whatever is called first. :func:`initialize` (which
+    :meth:`FlowDensity.initialize <pyro_genext.models.FlowDensity.initialize>` and the
+    training engine call on the first training batch) runs the scoring direction once on
+    a batch, and every layer not yet started sets :math:`b` and :math:`s` so that its
+    output (the latent side) has zero mean and unit variance per channel on that batch;
+    afterwards they are ordinary parameters. The buffer ``initialized`` records it and
+    travels with ``state_dict``, so a loaded layer is not started again. Under
+    ``torch.distributed`` the statistics are pooled over all processes, so every rank
+    starts with the same parameters. A guide (nothing to start from) keeps the identity.
+
+    An exact bijection in train and eval mode alike. Cost: one element-wise affine map
+    either way.
 
     Example::
 
         >>> t = ActNorm((2, 4, 4))
-        >>> z = t.inv(3 + 2 * torch.randn(64, 2, 4, 4))
-        >>> bool(z.detach().mean().abs() < 1e-5)
+        >>> y = 3 + 2 * torch.randn(64, 2, 4, 4)
+        >>> bool(torch.allclose(t.inv(y), y))  # not started: the identity
+        True
+        >>> initialize(t, y)
+        1
+        >>> bool(t.inv(y).detach().mean().abs() < 1e-5)
         True
 
     Reference: Kingma, Dhariwal (2018), Glow, arXiv:1807.03039.
@@ -71,43 +92,46 @@ class ActNorm(_PerChannel):
         self.log_scale = nn.Parameter(torch.zeros(self._pshape))
         self.bias = nn.Parameter(torch.zeros(self._pshape))
         self.register_buffer("initialized", torch.tensor(False))
+        self._pending = False  # set by initialize() for the length of one scoring pass
 
     @torch.no_grad()
     def initialize(self, y: torch.Tensor) -> None:
-        """Set the parameters from a batch of data ``y`` (scoring direction)."""
+        """Set the parameters from a batch of data ``y`` (this layer's input in the
+        scoring direction), pooling the statistics over processes under
+        ``torch.distributed``."""
         dims = self._reduce_dims(y)
-        events = y.numel() // math.prod(self.event_shape)
-        if events < 2:
-            self.initialized.fill_(True)  # a single event gives no usable statistics
+        yd = y.detach().to(self.bias.dtype)
+        s1 = yd.sum(dim=dims)
+        n = torch.full_like(s1, yd.numel() // max(s1.numel(), 1))
+        n, s1 = _pooled(torch.stack([n, s1]))
+        if bool((n < 2).any()):  # fewer than two values per channel: no usable statistics
+            self.initialized.fill_(True)
             return
-        mean = y.mean(dim=dims).reshape(self._pshape)
-        std = y.std(dim=dims).reshape(self._pshape).clamp_min(1e-6)
-        self.bias.copy_(mean)
-        self.log_scale.copy_(torch.log(std))
+        mean = s1 / n
+        centred = yd - mean.reshape(self._pshape)
+        (c2,) = _pooled((centred * centred).sum(dim=dims)[None])
+        var = (c2 / (n - 1)).clamp_min(1e-12)
+        self.bias.copy_(mean.reshape(self._pshape))
+        self.log_scale.copy_(0.5 * torch.log(var).reshape(self._pshape).clamp_min(math.log(1e-6)))
         self.initialized.fill_(True)
 
     def _ladj(self, x: torch.Tensor) -> torch.Tensor:
         return (self.log_scale.sum() * self._spatial).expand(self._batch(x))
 
-    def _start(self, inverse: bool, data: Callable[[], torch.Tensor]) -> None:
-        """Before the first call: the first scoring call in training mode initialises
-        from its ``data()``; a first sampling call keeps the identity initialisation."""
-        if not self.initialized:
-            if not inverse:
-                self.initialized.fill_(True)
-            elif self.training:
-                self.initialize(data().detach())
+    def _start(self, data: Callable[[], torch.Tensor]) -> None:
+        if self._pending:
+            self._pending = False
+            self.initialize(data())
 
     @staticmethod
     def _map(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor, inverse: bool) -> torch.Tensor:
         return (x - b) * torch.exp(-s) if inverse else x * torch.exp(s) + b
 
     def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._start(False, lambda: x)
         return self._map(x, self.log_scale, self.bias, False), self._ladj(x)
 
     def _inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._start(True, lambda: y)
+        self._start(lambda: y)
         return self._map(y, self.log_scale, self.bias, True), self._ladj(y)
 
     # A Chain runs consecutive couplings on the two halves of a split input (see
@@ -121,11 +145,64 @@ class ActNorm(_PerChannel):
         """The map on an input already split into ``lo`` and ``hi`` along the first
         parameter axis (features, or channels for images); same result as on the whole."""
         axis = -len(self.event_shape)
-        self._start(inverse, lambda: torch.cat([lo, hi], dim=axis))
+        if inverse:
+            self._start(lambda: torch.cat([lo, hi], dim=axis))
         sizes = (lo.shape[axis], hi.shape[axis])
         s_lo, s_hi = self.log_scale.split(sizes)
         b_lo, b_hi = self.bias.split(sizes)
         return self._map(lo, s_lo, b_lo, inverse), self._map(hi, s_hi, b_hi, inverse), self._ladj(lo)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_pending", False)
+
+
+def _owned_modules(flow: Any) -> list[nn.Module]:
+    if isinstance(flow, FlowTransform):
+        return flow._state_modules()
+    if isinstance(flow, nn.Module):
+        return [flow]
+    parts = getattr(flow, "parts", None)  # ComposeTransform
+    if isinstance(parts, (list, tuple)):
+        return [m for p in parts for m in _owned_modules(p)]
+    return []
+
+
+def initialize(flow: Transform, y: torch.Tensor, force: bool = False) -> int:
+    r"""Data-dependent start-up of every :class:`ActNorm` in ``flow`` on a batch ``y`` of
+    data (``flow``'s codomain, the data side): one scoring pass (``flow.inv``) without
+    gradients, in which each layer not yet started (every layer, with ``force=True``)
+    sets its scale and shift from the batch as it reaches it. Returns the number of
+    layers started. Call it once, on the first training batch, before training; a loaded
+    checkpoint's layers are not started again.
+
+    Example::
+
+        >>> import pyro_genext as pg
+        >>> flow = pg.realnvp(4, num_layers=2, hidden_dims=(8,))
+        >>> initialize(flow, 10 + torch.randn(256, 4))
+        2
+        >>> z = flow.inv(10 + torch.randn(256, 4)).detach()
+        >>> bool(z.mean().abs() < 0.3)
+        True
+    """
+    layers = [m for root in _owned_modules(flow) for m in root.modules()
+              if isinstance(m, ActNorm) and (force or not bool(m.initialized))]
+    if not layers:
+        return 0
+    for m in layers:
+        m._pending = True
+    try:
+        with torch.no_grad():
+            if isinstance(flow, FlowTransform):
+                check_event_shape(y, flow.codomain_event_shape, "data")
+                flow._inverse_and_ladj(y)
+            else:
+                flow.inv(y)
+    finally:
+        for m in layers:
+            m._pending = False
+    return len(layers)
 
 
 class BatchNormFlow(_PerChannel):
@@ -136,9 +213,15 @@ class BatchNormFlow(_PerChannel):
     (pooled per channel) and the running averages are updated; in eval mode the running
     averages are used and the layer is an exact bijection with
     :math:`\log|\det dy/dx| = \sum (\tfrac12\log(\sigma^2+\epsilon) - \gamma)` (times
-    :math:`HW` per channel for images). Sampling always uses the running averages, so in
-    training mode sampling is not the exact inverse of scoring: call ``.eval()`` before
-    sampling or checking. Cost: one element-wise affine map either way.
+    :math:`HW` per channel for images).
+
+    **For density models only.** Sampling can only use the running averages, so in
+    training mode it is not the inverse of scoring: a flow that samples then scores (a
+    guide, a variational posterior) would get a wrong :math:`\log q` (measured: -7.12
+    against the true -6.67). Sampling in training mode therefore raises ``ValueError``;
+    call ``.eval()`` before sampling, and use :class:`ActNorm` in guides. In training mode
+    the log-det of a scored batch comes from the scoring pass itself, so the layer is
+    cached (``cache_size=1``) by default. Cost: one element-wise affine map either way.
 
     Args:
         event_shape: ``(D,)`` or ``(C, H, W)``.
@@ -165,7 +248,7 @@ class BatchNormFlow(_PerChannel):
         event_shape: int | tuple[int, ...],
         momentum: float = 0.05,
         eps: float = 1e-5,
-        cache_size: int = 0,
+        cache_size: int = 1,
     ) -> None:
         super().__init__(event_shape, cache_size=cache_size)
         if not 0 < momentum <= 1:
@@ -182,6 +265,13 @@ class BatchNormFlow(_PerChannel):
         return (per.sum() * self._spatial).expand(self._batch(x))
 
     def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            raise ValueError(
+                "BatchNormFlow cannot sample (or recompute a log-det) in training mode: it "
+                "scores with the batch's statistics, which sampling cannot know, so a flow "
+                "that samples then scores (a guide) would get a wrong log q; call .eval() "
+                "before sampling, or use norm='actnorm' in a flow that samples while training"
+            )
         mean, var = self.running_mean, self.running_var
         y = (x - self.beta) * torch.exp(-self.log_gamma) * torch.sqrt(var + self.eps) + mean
         return y, self._ladj_from(var, x)

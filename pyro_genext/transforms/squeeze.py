@@ -3,6 +3,7 @@ r"""Squeeze (space-to-depth), RealNVP's way of trading spatial size for channels
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import Bijector
 
@@ -11,21 +12,14 @@ __all__ = ["Squeeze", "squeeze", "unsqueeze"]
 
 def squeeze(x: torch.Tensor) -> torch.Tensor:
     """(..., C, H, W) -> (..., 4C, H/2, W/2); output channel ``4c + 2i + j`` holds
-    pixel ``(2h + i, 2w + j)`` of input channel ``c``."""
-    *b, c, h, w = x.shape
-    x = x.reshape(*b, c, h // 2, 2, w // 2, 2)
-    n = len(b)
-    x = x.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3)
-    return x.reshape(*b, 4 * c, h // 2, w // 2)
+    pixel ``(2h + i, 2w + j)`` of input channel ``c``: torch's ``pixel_unshuffle`` by 2."""
+    return F.pixel_unshuffle(x, 2)
 
 
 def unsqueeze(y: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`squeeze`: (..., 4C, H, W) -> (..., C, 2H, 2W)."""
-    *b, c4, h, w = y.shape
-    n = len(b)
-    y = y.reshape(*b, c4 // 4, 2, 2, h, w)
-    y = y.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2)
-    return y.reshape(*b, c4 // 4, 2 * h, 2 * w)
+    """The inverse of :func:`squeeze`: (..., 4C, H, W) -> (..., C, 2H, 2W), torch's
+    ``pixel_shuffle`` by 2."""
+    return F.pixel_shuffle(y, 2)
 
 
 def _permutation_sign(perm: torch.Tensor) -> int:

@@ -1,0 +1,372 @@
+"""The state kept beside the maths (the cache, actnorm's start-up, batch norm's running
+statistics, training flags) is right wherever a Pyro user takes the bijectors: inference
+mode, torch.func, guides that sample then score, copies. Each case below failed before
+the cache was redesigned (issue 7)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import pickle
+import weakref
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions.transforms import affine_coupling, spline_coupling
+
+import pyro_genext as pg
+from pyro_genext.models import FlowDensity
+from pyro_genext.testing import check_bijector, perturb_parameters
+from pyro_genext.transforms import ActNorm, BatchNormFlow, DiagonalScaling, initialize
+
+SMALL = dict(hidden_dims=(16,))
+
+
+def _count_linear_calls(module):
+    calls = []
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+# ---------------------------------------------------------------- 1. inference mode
+@pytest.mark.parametrize("shape", [(6,), (1, 8, 8)], ids=["vector", "image"])
+def test_inference_mode_sample_and_log_prob(shape):
+    flow = pg.realnvp(shape[0] if len(shape) == 1 else shape,
+                      **(SMALL if len(shape) == 1 else dict(hidden_channels=4, num_blocks=1)))
+    density = FlowDensity(flow, levels=17 if len(shape) == 3 else None)
+    x = torch.randint(0, 17, (5,) + shape).float() if len(shape) == 3 else torch.randn(5, 6)
+    with torch.no_grad():
+        ref = density.log_prob(x)
+    with torch.inference_mode():
+        s = density.sample(16)
+        xi = x.clone()  # made inside inference mode
+        lp = density.log_prob(xi)
+        z = density.encode(xi)
+        back = density.decode(z)
+    assert s.shape == (16,) + shape
+    assert torch.allclose(lp, ref)
+    assert torch.allclose(back, x, atol=1e-3)
+
+
+# ---------------------------------------------------------------- 2. torch.func, in place
+def test_functional_call_with_two_parameter_sets_at_version_zero():
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    assert flow._cache_size == 1
+    x = torch.randn(3, 4)
+    sets = []
+    for k in range(2):
+        g = torch.Generator().manual_seed(k)
+        sets.append({n: p.detach() + 0.2 * torch.randn(p.shape, generator=g)
+                     for n, p in flow.named_parameters()})
+    assert all(p._version == 0 for ps in sets for p in ps.values())
+    outs = [torch.func.functional_call(flow, ps, (x,)) for ps in sets]
+    for ps, out in zip(sets, outs):
+        ref = copy.deepcopy(flow)
+        ref.load_state_dict(ps, strict=False)
+        assert torch.allclose(out, ref.with_cache(0)(x))
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_an_output_changed_in_place_is_not_served():
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        y = flow(x)
+        y.add_(1.0)
+        back = flow.inv(y)
+    assert not torch.allclose(back, x)
+    assert torch.allclose(back, flow.with_cache(0).inv(y.clone()))
+
+
+def test_observed_data_is_always_computed_afresh():
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    y = torch.randn(3, 4)
+    x1 = flow.inv(y)
+    with torch.no_grad():
+        next(flow.parameters()).add_(0.5)  # an optimiser step
+    x2 = flow.inv(y)
+    assert x2 is not x1 and not torch.allclose(x1, x2)
+
+
+def test_an_output_kept_across_a_parameter_update_is_recomputed():
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    x = torch.randn(3, 4)
+    y = flow(x)
+    assert flow.inv(y) is x
+    with torch.no_grad():
+        next(flow.parameters()).add_(0.5)
+    back = flow.inv(y)
+    assert back is not x and torch.allclose(back, flow.with_cache(0).inv(y.detach().clone()))
+
+
+def test_no_grad_entry_is_not_served_when_gradients_are_wanted():
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    with torch.no_grad():
+        y = flow(torch.randn(3, 4))
+    z = flow.inv(y)
+    assert z.grad_fn is not None
+    ladj = flow.log_abs_det_jacobian(z, y)
+    assert ladj.requires_grad
+
+
+# ---------------------------------------------------------------- 3. one pass per guide step
+@pytest.mark.parametrize(
+    "make",
+    [partial(pg.realnvp, 6, num_layers=4, **SMALL), partial(pg.nice, 6, **SMALL)],
+    ids=["realnvp", "nice"],
+)
+def test_recipe_samples_then_scores_with_one_network_pass(make):
+    flow = make()
+    calls = _count_linear_calls(flow)
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(6), 1.0).to_event(1), [flow])
+    flow(torch.randn(2, 6))
+    one_pass = len(calls)
+    calls.clear()
+    s = d.rsample((8,))
+    d.log_prob(s)
+    assert len(calls) == one_pass
+
+
+def test_conditioned_flow_samples_then_scores_with_one_network_pass():
+    cflow = pg.conditional_realnvp(4, 3, num_layers=3, **SMALL)
+    calls = _count_linear_calls(cflow)
+    ctx = torch.randn(5, 3)
+    t = cflow.condition(ctx)
+    t(torch.randn(5, 4))
+    one_pass = len(calls)
+    calls.clear()
+    d = dist.ConditionalTransformedDistribution(
+        dist.Normal(torch.zeros(4), 1.0).to_event(1), [cflow]).condition(ctx)
+    s = d.rsample()
+    d.log_prob(s)
+    assert len(calls) == one_pass
+
+
+def test_guide_step_runs_each_network_once():
+    """A whole SVI step with AutoNormalizingFlow: one forward pass per coupling (and the
+    backward pass), not two."""
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormalizingFlow
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(4), 1.0).to_event(1))
+
+    guide = AutoNormalizingFlow(model, partial(pg.realnvp, num_layers=3, **SMALL))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step()  # builds the guide's flow
+    calls = _count_linear_calls(guide)
+    svi.step()
+    assert len(calls) == 3 * 2  # 3 couplings, 2 linear layers each: one pass
+
+
+# ---------------------------------------------------------------- 4. nothing pinned
+def test_cache_size_zero_remembers_nothing():
+    flow = pg.realnvp(4, num_layers=2, **SMALL).with_cache(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = flow(x)
+    flow.log_abs_det_jacobian(x, y)
+    probe = weakref.ref(x)
+    del x
+    gc.collect()
+    assert probe() is None or y.grad_fn is not None  # alive only through y's own graph
+    del y
+    gc.collect()
+    assert probe() is None
+
+
+def test_entry_goes_when_the_output_is_dropped():
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = flow(x)
+    entry = flow.__dict__["_entry"]
+    assert entry is not None
+    probe = weakref.ref(x)
+    del x, y, entry
+    gc.collect()
+    assert flow.__dict__["_entry"] is None
+    assert probe() is None  # the input (and the log-det's graph) are not kept alive
+
+
+# ---------------------------------------------------------------- 5. actnorm start-up
+def test_actnorm_start_up_does_not_depend_on_call_order():
+    torch.manual_seed(0)
+    data = 3.0 + 2.0 * torch.randn(256, 6)
+    a = pg.realnvp(6, num_layers=2, **SMALL)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        a.eval()
+        a(torch.randn(4, 6))  # a sample before training, under no_grad, in eval mode
+        a.train()
+    assert not any(bool(m.initialized) for m in a.modules() if isinstance(m, ActNorm))
+    assert initialize(a, data) == initialize(b, data) == 2
+    for ma, mb in zip(a.modules(), b.modules()):
+        if isinstance(ma, ActNorm):
+            assert torch.equal(ma.log_scale, mb.log_scale) and torch.equal(ma.bias, mb.bias)
+    assert initialize(a, data) == 0  # started once; force=True starts again
+    assert initialize(a, data + 1, force=True) == 2
+
+
+def test_actnorm_started_state_round_trips_through_state_dict():
+    flow = pg.realnvp(6, num_layers=2, **SMALL)
+    initialize(flow, 3.0 + 2.0 * torch.randn(128, 6))
+    fresh = pg.realnvp(6, num_layers=2, **SMALL)
+    fresh.load_state_dict(flow.state_dict())
+    acts = [m for m in fresh.modules() if isinstance(m, ActNorm)]
+    assert acts and all(bool(m.initialized) for m in acts)
+    assert initialize(fresh, torch.randn(128, 6)) == 0  # a loaded flow is not started again
+    y = torch.randn(5, 6)
+    assert torch.allclose(fresh.inv(y), flow.inv(y))
+
+
+def test_flow_density_initialize_standardises_the_latent():
+    data = torch.randint(0, 17, (256, 1, 8, 8)).float()
+    density = FlowDensity(pg.realnvp((1, 8, 8), hidden_channels=4, num_blocks=1), levels=17)
+    assert density.initialize(data) > 0
+    with torch.no_grad():
+        z = density.encode(data + 0.5)
+    assert abs(float(z.mean())) < 0.3 and abs(float(z.std()) - 1) < 0.3
+
+
+# ---------------------------------------------------------------- 6. batch norm in a guide
+def test_batchnorm_refuses_to_sample_in_training_mode():
+    flow = pg.realnvp(4, num_layers=2, norm="batchnorm", **SMALL)
+    with pytest.raises(ValueError, match="BatchNormFlow cannot sample .* training mode"):
+        flow(torch.randn(3, 4))
+    flow.eval()
+    x = torch.randn(3, 4)
+    assert torch.allclose(flow.inv(flow(x)), x)
+
+
+def test_batchnorm_density_scores_in_training_mode():
+    t = BatchNormFlow(3)
+    y = 5 * torch.randn(100, 3) + 2
+    d = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    lp = d.log_prob(y)  # batch statistics, the log-det from the same pass
+    z = (y - y.mean(0)) / torch.sqrt(y.var(0, unbiased=False) + t.eps)
+    ref = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) - 0.5 * torch.log(
+        y.var(0, unbiased=False) + t.eps).sum()
+    assert torch.allclose(lp, ref, atol=1e-4)
+
+
+# ---------------------------------------------------------------- 7. views and parameters
+def test_with_cache_view_follows_the_original_training_flag():
+    t = BatchNormFlow(3, cache_size=0)
+    view = t.with_cache(1)
+    t.eval()
+    assert view.training is False
+    view.train()
+    assert t.training is True
+
+
+def test_conditioned_chain_exposes_every_parameter():
+    cflow = pg.conditional_realnvp(4, 3, num_layers=3, norm="actnorm", **SMALL)
+    conditioned = cflow.condition(torch.randn(3))
+    total = sum(p.numel() for p in cflow.parameters())
+    assert sum(p.numel() for p in conditioned.parameters()) == total
+    pyro.module("q", conditioned)
+    assert sum(v.numel() for v in pyro.get_param_store().values()) == total
+
+
+def test_copies_right_after_a_call():
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = flow(x)
+    for dup in (copy.deepcopy(flow), pickle.loads(pickle.dumps(flow))):
+        back = dup.inv(y.detach())
+        assert back is not x and torch.allclose(back, x)
+
+
+# ---------------------------------------------------------------- full-batch training
+@pytest.mark.parametrize("make", [partial(pg.realnvp, 2, num_layers=2, **SMALL),
+                                  partial(pg.nice, 2, num_layers=2, **SMALL)],
+                         ids=["realnvp", "nice"])
+def test_full_batch_svi_same_data_tensor_every_step(make):
+    """Pyro's own affine_coupling(2) fails this loop on step 2 ('Trying to backward
+    through the graph a second time'); ours trains, cached by default."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    flow = make()
+    data = torch.randn(256, 2) @ torch.tensor([[1.0, 0.8], [0.0, 0.6]]) + 1.0
+    base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+
+    def model(x):
+        pyro.module("flow", flow)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.TransformedDistribution(base, [flow]), obs=x)
+
+    svi = SVI(model, lambda x: None, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    losses = [svi.step(data) for _ in range(60)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- the checker
+
+
+def test_checker_catches_a_batch_mean_log_det():
+    from pyro_genext.transforms import RealNVPCoupling, half_mask
+
+    class Mean(RealNVPCoupling):
+        def _couple(self, x, context, inverse):
+            y, ladj = super()._couple(x, context, inverse)
+            return y, ladj.mean().expand(ladj.shape) if ladj.dim() else ladj
+
+    check_bijector(partial(RealNVPCoupling, half_mask(4), **SMALL))  # the original passes
+    with pytest.raises(AssertionError, match="^log_det: .*of event .* in a batch"):
+        check_bijector(partial(Mean, half_mask(4), **SMALL), skip=("serialization",))
+
+
+def test_checker_catches_a_cache_keyed_on_the_input():
+    """A bijector that remembers what it was *given* (torch's own cache) fails the cache
+    check under functional_call or an in-place change."""
+    from pyro_genext.transforms import RealNVPCoupling, half_mask
+
+    class InputKeyed(RealNVPCoupling):
+        def __call__(self, x):
+            old = self.__dict__.get("_given")
+            if old is not None and old[0] is x:
+                return old[1]
+            y = self._call(x)
+            self.__dict__["_given"] = (x, y)
+            return y
+
+    with pytest.raises(AssertionError, match="^cache: "):  # local classes do not pickle
+        check_bijector(partial(InputKeyed, half_mask(4), **SMALL), skip=("serialization",))
+
+
+def test_checker_catches_inference_mode_failures():
+    class VersionKeyed(DiagonalScaling):
+        def _call(self, x):
+            self.seen = x._version  # what the old cache did: fails on inference tensors
+            return super()._call(x)
+
+    with pytest.raises(AssertionError, match="inference_mode: RuntimeError: Inference tensors"):
+        check_bijector(partial(VersionKeyed, 3), skip=("serialization",))
+
+
+@pytest.mark.parametrize("make", [lambda: affine_coupling(4, hidden_dims=[8]),
+                                  lambda: spline_coupling(4, hidden_dims=[8], count_bins=4)],
+                         ids=["affine_coupling", "spline_coupling"])
+def test_checker_runs_on_pyros_own_couplings(make):
+    """Pyro's couplings pass the maths; they fail what their torch cache gets wrong (it
+    serves an output for an input changed in place or a swapped parameter set, and its
+    cached graph tensors cannot be deep-copied right after a call)."""
+    check_bijector(make, event_shape=(4,), skip=("cache", "serialization"))
+    with pytest.raises(AssertionError, match="^cache: "):
+        check_bijector(make, event_shape=(4,), skip=("serialization",))
+    with pytest.raises(AssertionError, match="^serialization: RuntimeError"):
+        check_bijector(make, event_shape=(4,))
+
+
+def test_checker_rejects_unknown_check_names():
+    with pytest.raises(ValueError, match="unknown checks"):
+        check_bijector(partial(DiagonalScaling, 3), skip=("speed",))
