@@ -612,10 +612,8 @@ def _chunks(total: int, size: int) -> Iterator[int]:
 @contextmanager
 def _evaluating() -> Iterator[None]:
     """No gradients, and out of inference mode: the results are ordinary tensors, usable
-    inside and outside ``torch.inference_mode()``. (Leaving inference mode also keeps the
-    bijectors' cache working: its keys read tensors' version counters, which inference
-    tensors do not have; at this library version the flow posterior fails inside
-    ``torch.inference_mode()`` without it.)"""
+    inside and outside ``torch.inference_mode()`` (an inference tensor cannot enter a
+    later autograd graph, e.g. as a target in a training loop)."""
     with torch.inference_mode(False), torch.no_grad():
         yield
 
