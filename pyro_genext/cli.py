@@ -1,27 +1,32 @@
-"""The ``pyro-genext`` command line: train, evaluate and sample flow density models.
+"""The ``pyro-genext`` command line: train, evaluate and sample every model kind.
 
 ::
 
     pyro-genext train realnvp --data digits --steps 2000 --out runs/digits
+    pyro-genext train realnvp --out runs/digits --resume --steps 4000
     pyro-genext evaluate runs/digits --split test --json
     pyro-genext sample runs/digits --num 64 --out samples.png
 
-Bad arguments exit with status 2 and one line on stderr; every other error (missing or
-corrupt checkpoint, unreadable data, an output folder that cannot be written, a diverged
-run) exits with status 1 and one line on stderr, never a traceback.
+``MODEL`` is any kind registered with :mod:`pyro_genext.engine` (``pyro-genext train
+MODEL --help`` lists its own flags); ``evaluate`` and ``sample`` rebuild the model from
+the kind and settings its checkpoint records. Bad arguments exit with status 2, every
+other error (missing or corrupt checkpoint, missing data, an output path that cannot be
+written, a diverged run) with status 1; either way the whole message is printed on
+stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+
+from .engine import nonneg_int, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -33,84 +38,76 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_nonneg_int = _int_at_least(0)
+def _add_evaluate_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("run", type=Path, help="a training run folder or checkpoint file")
+    e.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="the split to score (default: test)")
+    e.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of a run folder (default: best)")
+    e.add_argument("--root", default=None, help="folder holding the data files (default: the run's)")
+    e.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: the model's fastest)")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return v
+def _add_sample_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("run", type=Path, help="a training run folder or checkpoint file")
+    s.add_argument("--num", type=positive_int, default=64, help="how many samples (default: 64)")
+    s.add_argument("--out", required=True, type=Path, help="the PNG file to write")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="seeds the draw (default: 0)")
+    s.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of a run folder (default: best)")
+    s.add_argument("--root", default=None, help="folder holding the data files (default: the run's)")
+    s.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: the model's fastest)")
+
+
+def _extras_epilog(attr: str) -> str:
+    from .engine import KINDS
+
+    lines = []
+    for name, kind in KINDS.items():
+        add = getattr(kind, attr)
+        if add is None:
+            continue
+        q = argparse.ArgumentParser(add_help=False)
+        add(q)
+        flags = ", ".join(a.option_strings[0] if a.option_strings else a.dest for a in q._actions)
+        lines.append(f"  {name}: {flags}")
+    return ("flags of a model kind, for runs of that kind:\n" + "\n".join(lines)) if lines else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from .training import MODELS
+    """The whole command line (``train`` has one sub-command per registered model kind)."""
+    from . import __version__
+    from .engine import KINDS, add_train_arguments, get_kind
 
-    p = _Parser(prog=PROG, description="Train, evaluate and sample NICE / RealNVP density models.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    get_kind("realnvp")  # registers the built-in kinds
+    p = _Parser(prog=PROG, description="Train, evaluate and sample deep generative models for Pyro.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="fit a flow to a data set by maximum likelihood")
-    t.add_argument("model", choices=MODELS)
-    t.add_argument("--data", required=True, choices=DATASETS, metavar="{" + ",".join(DATASETS) + "}")
-    t.add_argument("--out", required=True, type=Path, help="folder for checkpoints")
-    budget = t.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=_nonneg_int, help="optimisation steps (0: save untrained)")
-    budget.add_argument("--epochs", type=_nonneg_int, help="passes over the training split")
-    t.add_argument("--batch-size", type=_positive_int, default=64)
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
-    t.add_argument("--seed", type=_nonneg_int, default=0)
-    t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    t.add_argument("--root", default=None, help="folder holding the data files")
-    t.add_argument("--num-layers", type=_positive_int, default=None,
-                   help="couplings of a vector flow (default: nice 4, realnvp 8)")
-    t.add_argument("--hidden", type=_positive_int, default=None,
-                   help="conditioner width (default: 256 dense units, or 64 channels for images)")
-    t.add_argument("--num-blocks", type=_positive_int, default=2, help="ResNet blocks per conditioner")
-    t.add_argument("--clip-norm", type=_positive_float, default=10.0,
-                   help="clip each parameter's gradient norm to this before Adam's update")
-    t.add_argument("--scale-bound", type=_positive_float, default=2.0,
-                   help="bound of each RealNVP coupling's log-scale (default 2)")
-    t.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
-    t.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default: torch's choice)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    t = sub.add_parser("train", help="train a model (pyro-genext train MODEL --help for its flags)",
+                       description="Train a model; MODEL --help lists its flags.")
+    models = t.add_subparsers(dest="model", required=True, parser_class=_Parser, metavar="MODEL")
+    for name, kind in KINDS.items():
+        m = models.add_parser(name, help=kind.summary, description=kind.summary)
+        add_train_arguments(m, kind)
 
-    e = sub.add_parser("evaluate", help="bits/dim of a trained model on a split")
-    e.add_argument("run", type=Path, help="a training output folder or checkpoint file")
-    e.add_argument("--split", choices=("train", "val", "test"), default="test")
-    e.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    e.add_argument("--root", default=None, help="folder holding the data files")
-    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-
-    s = sub.add_parser("sample", help="draw samples to a PNG")
-    s.add_argument("run", type=Path, help="a training output folder or checkpoint file")
-    s.add_argument("--num", type=_positive_int, default=64)
-    s.add_argument("--out", required=True, type=Path, help="the PNG file to write")
-    s.add_argument("--seed", type=_nonneg_int, default=0)
-    s.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    e = sub.add_parser("evaluate", help="score a trained model on a split",
+                       epilog=_extras_epilog("add_evaluate_arguments"))
+    _add_evaluate_arguments(e)
+    s = sub.add_parser("sample", help="draw samples into a picture",
+                       epilog=_extras_epilog("add_sample_arguments"))
+    _add_sample_arguments(s)
     return p
 
 
@@ -118,63 +115,85 @@ def _checkpoint_path(run: Path, which: str) -> Path:
     return run / f"{which}.pt" if run.is_dir() else run
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
+def _set_threads(given: int | None, default: int) -> None:
+    torch.set_num_threads(given or default)
 
-    cfg = TrainConfig(
-        model=args.model, data=args.data, steps=args.steps, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-        root=args.root, num_layers=args.num_layers, hidden=args.hidden,
-        num_blocks=args.num_blocks, clip_norm=args.clip_norm,
-        checkpoint_every=args.checkpoint_every, scale_bound=args.scale_bound,
-    )
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = (lambda msg: None) if args.quiet else None
-    summary = train(cfg, args.out, resume=args.resume, progress=not args.quiet, log=log)
-    if not args.quiet:
-        print(f"best validation bits/dim {summary['best_val_bpd']:.4f} after {summary['steps']} steps; "
-              f"checkpoints in {args.out}", file=sys.stderr)
+
+def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .engine import INVOCATION, _check_settings, default_settings, describe_result, fit, get_kind
+
+    kind = get_kind(args.model)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "model")}
+    control = {k: given.pop(k) for k in INVOCATION if k in given}
+    resume = bool(control.get("resume", False))
+    if control.get("out") is None:
+        raise UsageError("the following arguments are required: --out")
+    if not resume:
+        if "data" not in given:
+            raise UsageError("the following arguments are required: --data")
+        try:
+            _check_settings({**default_settings(kind), **given})
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    _set_threads(control.get("threads"), kind.default_threads)
+    quiet = bool(control.get("quiet", False))
+    result = fit(kind, given, control["out"], resume=resume,
+                 overwrite=bool(control.get("overwrite", False)), progress=not quiet,
+                 log=(lambda msg: None) if quiet else None)
+    print(describe_result(result), file=sys.stderr)
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .training import density_from_checkpoint, evaluate, load_checkpoint
+def _load_run(args: argparse.Namespace, command: str, rest: list[str]) -> tuple[Any, Any, argparse.Namespace, dict]:
+    """Load the checkpoint, then parse the command's flags again with the kind's own."""
+    from .engine import load_checkpoint, module_from_checkpoint
 
     state = load_checkpoint(_checkpoint_path(args.run, args.checkpoint))
-    density, cfg, _ = density_from_checkpoint(state)
-    data = load_dataset(cfg.data, args.split, root=args.root or cfg.root, seed=cfg.seed)
-    bpd = evaluate(density, data.x)
-    result: dict[str, Any] = {
-        "bits_per_dim": bpd, "split": args.split, "data": cfg.data, "model": cfg.model,
-        "step": state["step"], "num_examples": len(data),
-    }
-    if args.json:
+    module, kind, settings = module_from_checkpoint(state)
+    extra = getattr(kind, f"add_{command}_arguments")
+    q = _Parser(prog=f"{PROG} {command}")
+    (_add_evaluate_arguments if command == "evaluate" else _add_sample_arguments)(q)
+    if extra is not None:
+        extra(q)
+    full = q.parse_args(rest)
+    full.kind = kind.name
+    full.settings = settings
+    full.step = state["step"]
+    _set_threads(full.threads, kind.default_threads)
+    return module, kind, full, state
+
+
+def _cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
+    from .data import load_dataset
+
+    module, kind, full, state = _load_run(args, "evaluate", rest)
+    s = full.settings
+    data = load_dataset(s["data"], full.split, root=full.root or s.get("root"), seed=s["seed"])
+    with torch.no_grad():
+        scores = kind.evaluate(module, data, full)
+    result: dict[str, Any] = {**scores, "split": full.split, "data": s["data"], "model": kind.name,
+                              "step": state["step"], "num_examples": len(data)}
+    if full.json:
         print(json.dumps(result))
     else:
-        print(f"{cfg.model} on {cfg.data} ({args.split}, {len(data)} examples, step {state['step']}): "
-              f"{bpd:.4f} bits/dim")
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items())
+        print(f"{kind.name} on {s['data']} ({full.split}, {len(data)} examples, step {state['step']}): {shown}")
     return 0
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    from .plots import save_samples
-    from .training import density_from_checkpoint, load_checkpoint
+def _cmd_sample(args: argparse.Namespace, rest: list[str]) -> int:
+    from .data import load_dataset
 
     if args.out.suffix.lower() != ".png":
         raise UsageError(f"--out: expected a .png file, got {args.out}")
     if not args.out.parent.exists():
         raise OSError(f"output folder {args.out.parent} does not exist")
-    state = load_checkpoint(_checkpoint_path(args.run, args.checkpoint))
-    density, cfg, data = density_from_checkpoint(state)
-    torch.manual_seed(args.seed)
-    save_samples(density, data, args.num, args.out)
-    print(f"wrote {args.num} samples to {args.out}", file=sys.stderr)
+    module, kind, full, _ = _load_run(args, "sample", rest)
+    s = full.settings
+    data = load_dataset(s["data"], "test", root=full.root or s.get("root"), seed=s["seed"])
+    with torch.no_grad():
+        paths = kind.sample(module, data, full)
+    print(f"wrote {full.num} samples to {', '.join(str(q) for q in paths)}", file=sys.stderr)
     return 0
 
 
@@ -183,23 +202,30 @@ COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "sample": _cmd_sampl
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyro-genext`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        args, unknown = build_parser().parse_known_args(argv)
+        rest = argv[argv.index(args.command) + 1 :]
+        if unknown and args.command == "train":
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+        return COMMANDS[args.command](args, rest)
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
     except UsageError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (the last checkpoint was saved)", file=sys.stderr)
         return 130
-    except Exception as e:  # one line, no traceback
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+    except Exception as e:  # the whole message, no traceback
+        print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 1
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[0] if text else type(e).__name__
+def _message(e: BaseException) -> str:
+    """The exception's whole message (every line), prefixed by its type unless it is one of
+    the errors whose message says everything."""
+    msg = str(e).strip() or type(e).__name__
     return msg if isinstance(e, (ValueError, OSError, RuntimeError)) else f"{type(e).__name__}: {msg}"
 
 

@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         status = cli(command)
         if status:
             return status
-    print(f"samples written to {args.out}/samples.png")
     return 0
 
 

@@ -117,7 +117,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert sa["step"] == sb["step"] == 30
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
-    assert sa["best_val_bpd"] == sb["best_val_bpd"]
+    assert sa["best"] == sb["best"] and sa["history"][-1] == sb["history"][-1]
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
@@ -161,7 +161,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     from pyro_genext import training
 
     path = tmp_path / "ck.pt"
-    training.save_checkpoint(path, {"format": "pyro_genext", "config": {}, "v": 1})
+    training.save_checkpoint(path, {"format": "pyro_genext", "v": 1})
 
     def boom(*a, **k):
         raise OSError("disk full")
@@ -178,7 +178,7 @@ def test_resume_refuses_different_settings(tmp_path, capsys):
     common = ["train", "nice", "--data", "moons", "--out", str(out), *SMALL]
     assert main([*common, "--steps", "3"]) == 0
     assert main([*common, "--steps", "6", "--resume", "--lr", "0.01"]) == 1
-    assert "lr differs from the checkpoint" in capsys.readouterr().err
+    assert "--lr 0.01 differs from the checkpoint's 0.001" in capsys.readouterr().err
 
 
 def test_scale_bound_reaches_every_coupling(tmp_path):
@@ -191,3 +191,175 @@ def test_scale_bound_reaches_every_coupling(tmp_path):
     density, cfg, _ = density_from_checkpoint(load_checkpoint(out))
     bounds = {m.scale_bound for m in density.modules() if isinstance(m, MaskedCoupling)}
     assert cfg.scale_bound == 1.5 and bounds == {1.5}
+
+
+# ------------------------------------------------ what a new user hit (issue 8), one test each
+def _train(out, *extra, model="nice", data="moons"):
+    return ["train", model, "--data", data, "--out", str(out), *SMALL, *extra]
+
+
+def test_multi_line_errors_keep_their_whole_message(tmp_path, monkeypatch, capsys):
+    """Item 1: data found nowhere: the places looked and the "To fix it" line are printed,
+    without a traceback (the old command line cut the message to its first line)."""
+    import importlib
+
+    mnist = importlib.import_module("pyro_genext.data.mnist")  # the module, not the function
+
+    def offline(*args, **kwargs):
+        raise OSError("mirror http://example.invalid/: network unreachable")
+
+    monkeypatch.setattr(mnist, "_download", offline)
+    monkeypatch.delenv("PYRO_GENEXT_DATA", raising=False)
+    monkeypatch.setenv("PYRO_GENEXT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "realnvp", "--data", "mnist", "--root", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "r"), "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "not found: looked for train-images-idx3-ubyte[.gz]" in err
+    assert str(tmp_path / "empty") in err and "network unreachable" in err
+    assert "To fix it:" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) >= 5, err
+
+
+def test_threads_default_to_the_models_fastest(tmp_path):
+    """Item 2: without --threads, torch runs the model's default thread count (1 for the
+    flows, measured fastest), not torch's choice; --threads overrides; --help says so."""
+    from pyro_genext.engine import get_kind
+
+    try:
+        torch.set_num_threads(2)
+        assert main(_train(tmp_path / "a", "--steps", "0")) == 0
+        assert torch.get_num_threads() == get_kind("nice").default_threads == 1
+        assert main(_train(tmp_path / "b", "--steps", "0", "--threads", "2")) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    r = run("train", "realnvp", "--help")
+    assert "--threads" in r.stdout and "default: 1, the fastest" in r.stdout
+
+
+def test_validation_reports_median_and_worst_and_keeps_the_mean_for_best(tmp_path, capsys):
+    """Item 3: the validation summary says mean, median and worst image; evaluate too."""
+    out = tmp_path / "r"
+    assert main(_train(out, "--steps", "20", model="realnvp")) == 0
+    err = capsys.readouterr().err
+    assert "median" in err and "worst" in err
+    state = torch.load(out / "last.pt", weights_only=False)
+    h = state["history"][-1]
+    assert h["bpd_median"] <= h["bpd_worst"] and h["bpd_mean"] <= h["bpd_worst"]
+    assert state["best"] == min(e["bpd_mean"] for e in state["history"])
+    assert main(["evaluate", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits_per_dim_median"] <= result["bits_per_dim_worst"]
+    assert result["bits_per_dim"] <= result["bits_per_dim_worst"]
+
+
+def test_progress_figure_is_robust_to_one_spike():
+    """Item 3: one step at 13 million does not move the running figure (the old running
+    average, 0.98 r + 0.02 x, read 260000 after it and stayed above 400 for 300 steps)."""
+    from pyro_genext.engine import _Running
+
+    running = _Running()
+    for _ in range(99):
+        running.add(5.0)
+    assert running.add(1.3e7) == 5.0
+    assert running.add(4.0) == 5.0
+
+
+def test_train_refuses_to_overwrite_a_run(tmp_path, capsys):
+    """Item 4: a second train into the same folder is refused unless --overwrite/--resume."""
+    out = tmp_path / "r"
+    assert main(_train(out, "--steps", "3")) == 0
+    before = torch.load(out / "last.pt", weights_only=False)
+    capsys.readouterr()
+    assert main(_train(out, "--steps", "5")) == 1
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--overwrite" in err and "--resume" in err
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == before["step"] == 3
+    assert main(_train(out, "--steps", "5", "--overwrite")) == 0
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 5
+
+
+def test_resume_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
+    """Item 5: --resume with only the run folder and a larger budget continues the run
+    exactly; a flag given explicitly that differs names itself and both values, even when
+    the flag's value is the default (the checkpoint has --hidden 16, the default is 256)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_train(a, "--steps", "20")) == 0
+    assert main(_train(b, "--steps", "8")) == 0
+    assert main(["train", "nice", "--out", str(b), "--resume", "--steps", "20", "--quiet"]) == 0
+    sa, sb = (torch.load(p / "last.pt", weights_only=False) for p in (a, b))
+    assert sb["settings"]["hidden"] == 16 and sb["step"] == 20
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    capsys.readouterr()
+    assert main(["train", "nice", "--out", str(b), "--resume", "--steps", "30", "--hidden", "256"]) == 1
+    err = capsys.readouterr().err
+    assert "--hidden 256 differs from the checkpoint's 16" in err
+    assert main(["train", "realnvp", "--out", str(b), "--resume", "--steps", "30"]) == 1
+    assert "trains 'nice', not 'realnvp'" in capsys.readouterr().err
+
+
+def test_unwritable_output_names_the_users_path(tmp_path, capsys):
+    """Item 6: sample into a folder that cannot be written names the path given, not the
+    temporary file (the old message named /proc/x.png.tmp.png)."""
+    out = tmp_path / "r"
+    assert main(_train(out, "--steps", "0")) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out), "--num", "4", "--out", "/proc/x.png"]) == 1
+    err = capsys.readouterr().err
+    assert "/proc/x.png" in err and ".tmp" not in err, err
+
+
+def test_version_defaults_batch_size_and_quiet(tmp_path, capsys):
+    """Item 7: --version; defaults in --help; a batch larger than the training split is an
+    error; --quiet still prints the final summary line."""
+    from pyro_genext import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"pyro-genext {__version__}"
+    r = run("train", "nice", "--help")
+    assert "(default: 64)" in r.stdout and "(default: 0.001)" in r.stdout
+    assert main(["train", "nice", "--data", "digits", "--out", str(tmp_path / "r"),
+                 "--batch-size", "2000", "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "--batch-size 2000 is larger than the training split of digits (1438 examples)" in err
+    assert main(_train(tmp_path / "q", "--steps", "2")) == 0  # SMALL has --quiet
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("best validation bpd"), lines
+
+
+def test_log_is_one_line_per_interval_and_one_summary(tmp_path, capsys):
+    """Item 8: 8 epochs (8 validations) log the first validation and the final summary,
+    not a line per validation (the default interval is 30 s); --log-interval 0 logs all."""
+    common = ["train", "nice", "--data", "digits", "--epochs", "8", "--batch-size", "200",
+              "--hidden", "8", "--num-layers", "2"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("step ", "best "))]
+    assert [ln.split()[0] for ln in lines] == ["step", "best"], lines
+    assert main([*common, "--out", str(tmp_path / "b"), "--log-interval", "0"]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 8
+
+
+def test_demo_says_where_the_samples_went_once(tmp_path, capsys):
+    from pyro_genext import demo
+
+    assert demo.main(["--out", str(tmp_path / "demo"), "--steps", "5"]) == 0
+    captured = capsys.readouterr()
+    said = [ln for ln in (captured.out + captured.err).splitlines()
+            if str(tmp_path / "demo" / "samples.png") in ln and not ln.startswith("$ ")]
+    assert len(said) == 1, said
+    assert (tmp_path / "demo" / "samples.png").stat().st_size > 1000
+
+
+def test_checkpoint_of_another_format_gets_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(_train(out, "--steps", "0")) == 0
+    state = torch.load(out / "best.pt", weights_only=False)
+    state["version"], state["library_version"] = 1, "0.0.9"
+    torch.save(state, out / "best.pt")
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint format 1 (written by pyro_genext 0.0.9)" in err and "\n" not in err
