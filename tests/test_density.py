@@ -427,3 +427,17 @@ def test_state_dict_and_pickle_round_trip() -> None:
     torch.testing.assert_close(other.log_prob(x), m.log_prob(x))
     copy = pickle.loads(pickle.dumps(m))
     torch.testing.assert_close(copy.log_prob(x), m.log_prob(x))
+
+
+def test_check_data_runs_even_when_value_checks_are_off() -> None:
+    from pyro_genext.checks import data_checks
+
+    m = FlowDensity(realnvp(4, num_layers=2, hidden_dims=(8,)), levels=17)
+    good = torch.randint(0, 17, (8, 4)).float()
+    m.check_data(good)
+    with data_checks(False):
+        with pytest.raises(ValueError, match=r"integer levels in \[0, 16\]"):
+            m.check_data(good + 0.5)
+        m.log_prob(good + 0.5)  # not checked: the caller validated its data once
+    with pytest.raises(ValueError, match="expected data of shape"):
+        m.check_data(good[0])

@@ -26,6 +26,7 @@ from pyro.params.param_store import param_with_module_name
 from torch import nn
 from torch.distributions import Transform
 
+from ..checks import data_checks_enabled
 from ..metrics import bits_per_dim
 from ..transforms.base import FlowTransform, check_event_shape
 from ..transforms.normalization import initialize
@@ -179,7 +180,8 @@ class FlowDensity(PyroModule):
         ``x + u`` for one draw of uniform noise ``u``. Returns shape ``batch``.
 
         ``x`` must be finite and in the support of the density (with ``dequantize=True``:
-        integer levels in :math:`[0, L-1]`); otherwise ``ValueError``."""
+        integer levels in :math:`[0, L-1]`); otherwise ``ValueError`` (value checks can be
+        switched off where data were validated once: :func:`pyro_genext.checks.data_checks`)."""
         x = self._check_data(x, "levels" if dequantize else "support")
         if dequantize:
             x = x + torch.rand_like(x)
@@ -210,6 +212,15 @@ class FlowDensity(PyroModule):
 
     def guide(self, x: torch.Tensor) -> None:
         """Empty: the model has no latent sites, so SVI maximises the likelihood."""
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` (shape ``(N, *event_shape)``) is data that
+        :meth:`model` trains on: finite, and integer levels in :math:`[0, L-1]` (or values
+        in the data range when the model does not dequantize). Runs even inside
+        :func:`~pyro_genext.checks.data_checks` ``(False)``: call it once on a data set,
+        then train without per-step checks."""
+        noise = self.levels is not None and self.dequantize
+        self._check_data(x, "levels" if noise else "range", batched=True, force=True)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> int:
@@ -275,7 +286,9 @@ class FlowDensity(PyroModule):
         return torch.floor(x) if quantize else x
 
     # ------------------------------------------------------------------ checks
-    def _check_data(self, x: torch.Tensor, check: Check, batched: bool = False) -> torch.Tensor:
+    def _check_data(
+        self, x: torch.Tensor, check: Check, batched: bool = False, force: bool = False
+    ) -> torch.Tensor:
         """Validate data before any computation; integer dtypes become floats.
 
         ``check``: ``"levels"``, integer levels in :math:`[0, L-1]` (before dequantization);
@@ -296,6 +309,8 @@ class FlowDensity(PyroModule):
             )
         if check == "levels" and self.levels is None:
             raise ValueError("dequantization needs discrete data: construct with levels=L")
+        if not (force or data_checks_enabled()):  # validated once, where it was loaded
+            return x
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"expected finite data, got {bad} NaN or infinite values")

@@ -49,10 +49,14 @@ __all__ = ["FlowTransform", "Bijector", "check_event_shape", "sum_rightmost"]
 
 
 def sum_rightmost(value: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum out the ``dim`` rightmost dimensions of ``value``."""
+    """Sum out the ``dim`` rightmost dimensions of ``value`` (half-precision values are
+    summed in float32, so log-determinants keep their precision under autocast)."""
     if dim == 0:
         return value
-    return value.reshape(value.shape[:-dim] + (-1,)).sum(-1)
+    flat = value.reshape(value.shape[:-dim] + (-1,))
+    if value.dtype in (torch.bfloat16, torch.float16):
+        return flat.sum(-1, dtype=torch.float32)
+    return flat.sum(-1)
 
 
 def check_event_shape(

@@ -197,6 +197,9 @@ class MaskedCoupling(Bijector):
 
     def _params(self, h: torch.Tensor, context: torch.Tensor | None, nout: int) -> Any:
         out = self.conditioner(h) if context is None else self.conditioner(h, context)
+        # under autocast the network computes in bf16/fp16; the element-wise map and its
+        # log-det run in the data's precision (a no-op otherwise)
+        out = out.to(h.dtype)
         ed = self._event_dim
         expected = nout * self.num_params
         if out.dim() < ed or out.shape[-ed] != expected:
