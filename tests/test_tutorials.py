@@ -23,6 +23,9 @@ TUTORIALS = {
     "nice.py": ["samples.png"],
     "realnvp.py": ["samples.png"],
     "density_2d.py": ["densities.png"],
+    "bayesian_flow_guides.py": ["pairs.png", "forest.png", "khat.png"],
+    "vae.py": ["samples.png", "reconstructions.png", "latent.png"],
+    "vae_flow_posterior.py": ["gaps.png", "posteriors.png"],
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+from .binarization import binarize, intensities
 from .dataset import SPLITS, Dataset, check_seed, check_split
 from .digits import digits
 from .idx import CorruptFileError, read_idx, write_idx
@@ -43,6 +44,8 @@ __all__ = [
     "checkerboard",
     "rings",
     "spirals",
+    "binarize",
+    "intensities",
     "CorruptFileError",
     "ChecksumError",
     "DatasetNotFoundError",

@@ -2,3 +2,4 @@
 its kinds in :data:`pyro_genext.engine.KINDS` (one import line per model file)."""
 
 from . import flows  # noqa: F401  (nice, realnvp)
+from .vae import VAE_KIND  # noqa: F401  (vae)

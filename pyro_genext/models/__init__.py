@@ -1,5 +1,6 @@
-"""Pyro models built on the bijectors: flow density models (and, elsewhere, VAEs)."""
+"""Pyro models built on the bijectors: flow density models and variational auto-encoders."""
 
 from .density import FlowDensity
+from .vae import VAE, ImportanceWeightedELBO
 
-__all__ = ["FlowDensity"]
+__all__ = ["FlowDensity", "VAE", "ImportanceWeightedELBO"]

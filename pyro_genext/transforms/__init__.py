@@ -44,3 +44,8 @@ __all__ = [
 from .preprocess import AlphaSigmoid, LevelScaling, LogitPreprocess  # noqa: E402
 
 __all__ += ["AlphaSigmoid", "LevelScaling", "LogitPreprocess"]
+
+from .linear import Affine  # noqa: E402
+from .permute import Permute  # noqa: E402
+
+__all__ += ["Affine", "Permute"]

@@ -1,0 +1,706 @@
+r"""The variational auto-encoder as a Pyro model/guide pair, with amortised flow posteriors.
+
+From the auto-encoder to the VAE
+--------------------------------
+
+An auto-encoder squeezes ``x`` through a code ``z = e(x)`` and back, ``x' = f(z)``. The VAE
+makes both ends probabilistic. The **model** is a generative story,
+
+.. math::
+
+    z \sim p(z) = \mathcal{N}(0, I), \qquad x \mid z \sim p_\theta(x \mid z)
+    \quad\text{(the decoder)},
+
+and the **guide** (encoder) is an amortised approximation of the posterior,
+:math:`q_\phi(z \mid x) = \mathcal{N}(\mu_\phi(x), \operatorname{diag}\sigma_\phi^2(x))`,
+sampled with the reparameterisation :math:`z = \mu + \sigma \odot \varepsilon`,
+:math:`\varepsilon \sim \mathcal{N}(0, I)`, so gradients flow through the draw. Both are
+trained together by maximising the evidence lower bound
+
+.. math::
+
+    \log p_\theta(x) \;\ge\; \mathcal{L}(x)
+      = \mathbb{E}_{q}\bigl[\log p_\theta(x \mid z)\bigr]
+        - \mathrm{KL}\bigl(q_\phi(z \mid x) \,\|\, p(z)\bigr),
+    \qquad
+    \log p_\theta(x) - \mathcal{L}(x) = \mathrm{KL}\bigl(q_\phi(z \mid x) \,\|\, p_\theta(z \mid x)\bigr),
+
+so the gap is how far the guide is from the true posterior. For the diagonal Gaussian
+guide the KL to the prior is in closed form,
+
+.. math::
+
+    \mathrm{KL}\bigl(\mathcal{N}(\mu, \operatorname{diag}\sigma^2) \,\|\, \mathcal{N}(0, I)\bigr)
+      = \tfrac12 \sum_j \bigl(\sigma_j^2 + \mu_j^2 - \log \sigma_j^2 - 1\bigr),
+
+and a Gaussian decoder :math:`\mathcal{N}(f(z), s^2 I)` on :math:`D` dimensions turns the
+reconstruction term into a squared error,
+:math:`\log p(x \mid z) = -\lVert x - f(z)\rVert^2 / (2 s^2) - \tfrac D2 \log(2\pi s^2)`.
+
+Richer posteriors and tighter bounds
+------------------------------------
+
+With ``posterior_flow="nice"`` or ``"realnvp"`` the guide pushes the Gaussian draw through
+``num_flows`` conditional coupling layers whose conditioners also see the encoder's
+features :math:`h(x)`, :math:`z = T_{h(x)}(z_0)`, :math:`z_0 \sim \mathcal{N}(\mu, \sigma^2)`,
+and scores it exactly by the change of variables,
+:math:`\log q(z \mid x) = \log \mathcal{N}(z_0; \mu, \sigma^2) - \log|\det \partial T / \partial z_0|`
+(Rezende & Mohamed 2015). The couplings start at the identity, so training starts from the
+Gaussian VAE.
+
+The importance-weighted bound of Burda et al. (2016),
+
+.. math::
+
+    \mathcal{L}_K(x) = \mathbb{E}\Bigl[\log \frac1K \sum_{k=1}^K
+        \frac{p_\theta(x, z_k)}{q_\phi(z_k \mid x)}\Bigr],
+    \qquad z_k \sim q_\phi(z \mid x),
+
+satisfies :math:`\mathcal{L} = \mathcal{L}_1 \le \mathcal{L}_K \le \mathcal{L}_{K+1}
+\to \log p_\theta(x)`: with large ``K`` (5000 in the paper) it estimates the
+log-likelihood, and as an objective it trains the decoder against a tighter bound.
+
+Which Pyro ELBO does what
+-------------------------
+
+* ``SVI(vae.model, vae.guide, optim, Trace_ELBO())``: the ELBO, one reparameterised draw.
+* ``TraceMeanField_ELBO()``: the same ELBO with the closed-form KL above (Gaussian
+  posterior only; with a flow posterior it falls back to Monte Carlo, as ``Trace_ELBO``).
+* ``RenyiELBO(alpha=0, num_particles=K)``: the importance-weighted bound
+  :math:`\mathcal{L}_K` (IWAE).
+* :class:`ImportanceWeightedELBO` ``(num_particles=K)``: the same bound, with the
+  ``differentiable_loss`` a torch training loop needs, and unbiased for minibatches.
+
+:meth:`VAE.elbo` and :meth:`VAE.iwae_log_likelihood` compute :math:`\mathcal{L}` and
+:math:`\mathcal{L}_K` per example for evaluation, in nats.
+
+Writing one's own amortised flow guide
+--------------------------------------
+
+The guide of :class:`VAE` is the pattern for any model with local latents: an encoder gives
+the base Gaussian and a context, a conditional flow is conditioned on the context, and the
+flow **must be registered with** ``pyro.module`` (or be a submodule of a ``PyroModule``
+whose parameters the optimiser sees), or its parameters never train::
+
+    encoder = MyEncoder()                           # x -> loc, scale, features h
+    flow = pyro_genext.conditional_realnvp(z_dim, context_dim=h_dim, num_layers=4)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        pyro.module("flow", flow)                   # without this the flow stays the identity
+        loc, scale, h = encoder(x)
+        base = dist.Normal(loc, scale).to_event(1)
+        q = dist.TransformedDistribution(base, [flow.condition(h)])
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", q)                     # exact log q by the change of variables
+
+References: Kingma, Welling (2014), Auto-encoding variational Bayes, arXiv:1312.6114;
+Rezende, Mohamed, Wierstra (2014), Stochastic backpropagation, arXiv:1401.4082; Rezende,
+Mohamed (2015), Variational inference with normalizing flows, arXiv:1505.05770; Burda,
+Grosse, Salakhutdinov (2016), Importance weighted autoencoders, arXiv:1509.00519;
+Tipping, Bishop (1999), Probabilistic principal component analysis; Lucas, Tucker, Grosse,
+Norouzi (2019), Don't blame the ELBO! A linear VAE perspective on posterior collapse,
+arXiv:1911.02469.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pyro.infer import RenyiELBO
+from pyro.infer.util import get_dependent_plate_dims, torch_sum
+from pyro.nn import PyroModule
+from pyro.params.param_store import param_with_module_name
+from torch import nn
+
+from ..flows import ConditionalChain, conditional_nice, conditional_realnvp
+
+__all__ = ["VAE", "ImportanceWeightedELBO"]
+
+Likelihood = Literal["bernoulli", "gaussian"]
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "softplus": nn.Softplus,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+}
+
+
+def _mlp(widths: Sequence[int], activation: Callable[[], nn.Module], last_activation: bool) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_activation or i < len(widths) - 2:
+            layers.append(activation())
+    return nn.Sequential(*layers)
+
+
+def _conv_sizes(h: int, w: int, n: int) -> list[tuple[int, int]]:
+    """Spatial sizes after each of ``n`` stride-2, kernel-3, padding-1 convolutions."""
+    sizes = [(h, w)]
+    for _ in range(n):
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        sizes.append((h, w))
+    return sizes
+
+
+class _Encoder(nn.Module):
+    """``x (*batch, *input_shape) -> (loc, scale, features)``."""
+
+    def __init__(self, body: nn.Module, in_dims: int, features: int, z_dim: int, image: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.in_dims = in_dims
+        self.image = image
+        self.features = features
+        self.loc = nn.Linear(features, z_dim)
+        self.scale = nn.Linear(features, z_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = self.in_dims
+        batch = x.shape[: x.dim() - k]
+        x = x.reshape((-1,) + x.shape[x.dim() - k :]) if self.image else x.reshape(batch + (-1,))
+        h = self.body(x)
+        h = h.reshape(batch + (-1,))
+        return self.loc(h), F.softplus(self.scale(h)) + 1e-5, h
+
+
+class _Decoder(nn.Module):
+    """``z (*batch, z_dim) -> parameters of p(x | z)`` of shape ``(*batch, *input_shape)``."""
+
+    def __init__(self, head: nn.Module, tail: nn.Module | None, bridge: tuple[int, ...] | None,
+                 input_shape: tuple[int, ...], log_sigma: float | None, learn_sigma: bool) -> None:
+        super().__init__()
+        self.head = head
+        self.tail = tail
+        self.bridge = bridge
+        self.input_shape = input_shape
+        if log_sigma is None:
+            self.log_sigma = None
+        elif learn_sigma:
+            self.log_sigma = nn.Parameter(torch.tensor(float(log_sigma)))
+        else:
+            self.register_buffer("log_sigma", torch.tensor(float(log_sigma)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[:-1]
+        out = self.head(z)
+        if self.tail is not None:
+            assert self.bridge is not None
+            out = self.tail(out.reshape((-1,) + self.bridge))
+        return out.reshape(batch + self.input_shape)
+
+
+class VAE(PyroModule):
+    r"""A variational auto-encoder: :meth:`model` and :meth:`guide` for Pyro's ``SVI``.
+
+    The maths, the choice of ELBO and how to write one's own flow guide are in the module
+    docstring, :mod:`pyro_genext.models.vae`.
+
+    * :meth:`model`: :math:`z \sim \mathcal{N}(0, I)` and :math:`x \mid z` from the
+      decoder, both in a ``pyro.plate("data")`` that scales a minibatch to the full data
+      set when ``size`` is given, so minibatch ELBOs are unbiased estimates of the full
+      one.
+    * :meth:`guide`: the encoder's diagonal Gaussian, reparameterised, optionally pushed
+      through ``num_flows`` conditional NICE or RealNVP couplings conditioned on the
+      encoder's features (an amortised flow posterior with exact :math:`\log q`).
+
+    Likelihoods:
+
+    * ``"bernoulli"``: :math:`x_i \mid z \sim \mathrm{Bernoulli}(\mathrm{sigmoid}(f_i(z)))`.
+      Data are binary or values in :math:`[0, 1]`; grey values act as soft targets (the
+      log-density is then minus the binary cross-entropy, as in Pyro's own VAE example),
+      which is **not** a normalised likelihood of grey images: log-likelihoods in nats
+      are only meaningful on binarised data (see :mod:`pyro_genext.kinds.vae` for the
+      dynamic and fixed binarisations used in training and evaluation).
+    * ``"gaussian"``: :math:`x \mid z \sim \mathcal{N}(f(z), s^2 I)` with ``sigma`` =
+      :math:`s` fixed, or learned (one scalar, started at 1) when ``sigma=None``. Data may
+      be any finite values.
+
+    Architecture: ``encoder="mlp"`` (default) flattens ``x`` and applies dense layers of
+    ``hidden_dims``; the decoder mirrors them. ``hidden_dims=()`` makes both linear: with a
+    Gaussian likelihood the model is then probabilistic PCA, and the decoder's columns span
+    the data's top ``z_dim`` principal subspace at the optimum (Tipping & Bishop 1999;
+    Lucas et al. 2019). ``encoder="conv"`` (inputs ``(C, H, W)``) adds stride-2 3x3
+    convolutions of ``conv_channels`` before the dense layers, and the decoder mirrors
+    them with transposed convolutions.
+
+    Cost per example: one encoder and one decoder pass per draw of :math:`z`; a flow
+    posterior adds one pass through each coupling's conditioner per draw (sampling and
+    scoring share it once the conditioned flow is cached). :meth:`iwae_log_likelihood`
+    costs ``num_samples`` decoder passes.
+
+    Args:
+        input_shape: the shape of one data point, an int ``D`` or a tuple.
+        z_dim: the size of the latent code.
+        hidden_dims: widths of the encoder's dense layers (the decoder reverses them).
+        likelihood: ``"bernoulli"`` or ``"gaussian"``.
+        sigma: the Gaussian likelihood's fixed standard deviation, or ``None`` to learn it.
+        posterior_flow: ``None``, ``"nice"`` or ``"realnvp"``.
+        num_flows: the number of coupling layers of the posterior flow.
+        flow_hidden_dims: widths of each coupling's conditioner.
+        encoder: ``"mlp"`` or ``"conv"``.
+        conv_channels: channels of the convolutional encoder's layers.
+        activation: ``"relu"``, ``"softplus"``, ``"elu"`` or ``"tanh"``.
+        name: the Pyro name of this module, the prefix of its parameters in the param store.
+
+    Example::
+
+        >>> import pyro
+        >>> from pyro.infer import SVI, TraceMeanField_ELBO
+        >>> pyro.clear_param_store()
+        >>> x = torch.rand(32, 1, 8, 8).bernoulli()
+        >>> vae = VAE((1, 8, 8), z_dim=2, hidden_dims=(32,), posterior_flow="realnvp",
+        ...           num_flows=2, flow_hidden_dims=(16,))
+        >>> svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+        >>> loss = svi.step(x, size=1000)       # a minibatch of a data set of 1000 images
+        >>> vae.elbo(x).shape, vae.iwae_log_likelihood(x, num_samples=50).shape
+        (torch.Size([32]), torch.Size([32]))
+        >>> vae.reconstruct(x).shape, vae.sample(5).shape, vae.encode(x).shape
+        (torch.Size([32, 1, 8, 8]), torch.Size([5, 1, 8, 8]), torch.Size([32, 2]))
+    """
+
+    def __init__(
+        self,
+        input_shape: int | Sequence[int],
+        z_dim: int,
+        *,
+        hidden_dims: Sequence[int] = (512, 256),
+        likelihood: Likelihood = "bernoulli",
+        sigma: float | None = None,
+        posterior_flow: str | None = None,
+        num_flows: int = 4,
+        flow_hidden_dims: Sequence[int] = (128, 128),
+        encoder: str = "mlp",
+        conv_channels: Sequence[int] = (32, 64),
+        activation: str = "relu",
+        name: str = "",
+    ) -> None:
+        super().__init__(name)
+        shape = (int(input_shape),) if isinstance(input_shape, int) else tuple(int(s) for s in input_shape)
+        if not shape or any(s < 1 for s in shape):
+            raise ValueError(f"expected input_shape a positive int or tuple of them, got {input_shape!r}")
+        if isinstance(z_dim, bool) or not isinstance(z_dim, int) or z_dim < 1:
+            raise ValueError(f"expected z_dim a positive integer, got {z_dim!r}")
+        hidden = tuple(int(h) for h in hidden_dims)
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"expected positive hidden_dims, got {tuple(hidden_dims)}")
+        if likelihood not in ("bernoulli", "gaussian"):
+            raise ValueError(f"expected likelihood in ['bernoulli', 'gaussian'], got {likelihood!r}")
+        if sigma is not None and (likelihood != "gaussian" or not float(sigma) > 0):
+            raise ValueError(
+                f"sigma is the Gaussian likelihood's standard deviation: expected sigma > 0 with "
+                f"likelihood='gaussian', got sigma={sigma!r} with likelihood={likelihood!r}"
+            )
+        if posterior_flow not in (None, "nice", "realnvp"):
+            raise ValueError(f"expected posterior_flow in [None, 'nice', 'realnvp'], got {posterior_flow!r}")
+        if posterior_flow is not None and z_dim < 2:
+            raise ValueError(f"a coupling posterior flow needs z_dim >= 2, got z_dim={z_dim}")
+        if posterior_flow is not None and (isinstance(num_flows, bool) or int(num_flows) < 1):
+            raise ValueError(f"expected num_flows >= 1, got {num_flows!r}")
+        if encoder not in ("mlp", "conv"):
+            raise ValueError(f"expected encoder in ['mlp', 'conv'], got {encoder!r}")
+        if encoder == "conv" and (len(shape) != 3 or not conv_channels):
+            raise ValueError(
+                f"encoder='conv' needs input_shape (C, H, W) and conv_channels, "
+                f"got input_shape {shape} and conv_channels {tuple(conv_channels)}"
+            )
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"expected activation in {sorted(_ACTIVATIONS)}, got {activation!r}")
+        act = _ACTIVATIONS[activation]
+        self.input_shape: tuple[int, ...] = shape
+        self.z_dim = int(z_dim)
+        self.hidden_dims = hidden
+        self.likelihood: Likelihood = likelihood
+        self.posterior_flow_kind = posterior_flow
+        self.encoder_kind = encoder
+        d = math.prod(shape)
+
+        if encoder == "mlp":
+            body: nn.Module = _mlp((d, *hidden), act, last_activation=True)
+            features = hidden[-1] if hidden else d
+            head = _mlp((self.z_dim, *reversed(hidden), d), act, last_activation=False)
+            tail, bridge = None, None
+        else:
+            c, hh, ww = shape
+            chans = tuple(int(ch) for ch in conv_channels)
+            sizes = _conv_sizes(hh, ww, len(chans))
+            convs: list[nn.Module] = []
+            for a, b in zip((c, *chans[:-1]), chans):
+                convs += [nn.Conv2d(a, b, 3, stride=2, padding=1), act()]
+            flat = chans[-1] * sizes[-1][0] * sizes[-1][1]
+            body = nn.Sequential(*convs, nn.Flatten(), _mlp((flat, *hidden), act, last_activation=True))
+            features = hidden[-1] if hidden else flat
+            head = _mlp((self.z_dim, *reversed(hidden), flat), act, last_activation=True)
+            ups: list[nn.Module] = []
+            outs = (*reversed(chans[:-1]), c)
+            for i, (a, b) in enumerate(zip(reversed(chans), outs)):
+                (h_in, w_in), (h_out, w_out) = sizes[-1 - i], sizes[-2 - i]
+                pad = (h_out - 2 * h_in + 1, w_out - 2 * w_in + 1)
+                ups.append(nn.ConvTranspose2d(a, b, 3, stride=2, padding=1, output_padding=pad))
+                if i < len(chans) - 1:
+                    ups.append(act())
+            tail = nn.Sequential(*ups)
+            bridge = (chans[-1], *sizes[-1])
+        self.encoder = _Encoder(body, len(shape), features, self.z_dim, image=encoder == "conv")
+        log_sigma = None if likelihood == "bernoulli" else (0.0 if sigma is None else math.log(float(sigma)))
+        self.decoder = _Decoder(head, tail, bridge, shape, log_sigma, learn_sigma=sigma is None)
+        self.flow: ConditionalChain | None = None
+        if posterior_flow == "nice":
+            self.flow = conditional_nice(self.z_dim, features, num_layers=int(num_flows),
+                                         hidden_dims=flow_hidden_dims, scaling=False)
+        elif posterior_flow == "realnvp":
+            self.flow = conditional_realnvp(self.z_dim, features, num_layers=int(num_flows),
+                                            hidden_dims=flow_hidden_dims, norm=None)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def sigma(self) -> torch.Tensor | None:
+        """The Gaussian likelihood's standard deviation now, detached (``None`` for
+        Bernoulli)."""
+        ls = self.decoder.log_sigma
+        return None if ls is None else ls.detach().exp()
+
+    def likelihood_dist(self, z: torch.Tensor) -> dist.TorchDistribution:
+        r""":math:`p(x \mid z)` for latents ``z`` of shape ``(*batch, z_dim)``, batch shape
+        ``batch``, event shape ``input_shape``."""
+        out = self.decoder(z)
+        k = len(self.input_shape)
+        if self.likelihood == "bernoulli":
+            # validate_args=False: grey values in [0, 1] are allowed as soft targets; the
+            # inputs are checked by _check_data instead
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(k)
+        sigma = self.decoder.log_sigma.exp()  # type: ignore[union-attr]
+        return dist.Normal(out, sigma.expand_as(out)).to_event(k)
+
+    def prior(self, batch_shape: Sequence[int] | torch.Size) -> dist.TorchDistribution:
+        r"""The prior :math:`\mathcal{N}(0, I)` on ``z``, batch shape ``batch_shape``."""
+        p = next(self.encoder.parameters())
+        loc = p.new_zeros(tuple(batch_shape) + (self.z_dim,))
+        return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        r"""The guide's :math:`q(z \mid x)` for data ``x`` of shape ``(*batch, *input_shape)``:
+        the encoder's diagonal Gaussian, or its image under the conditioned flow, a
+        ``TransformedDistribution`` whose ``log_prob`` is exact."""
+        x = self._check_data(x)
+        return self._posterior(x)[0]
+
+    def _posterior(self, x: torch.Tensor) -> tuple[dist.TorchDistribution, Any]:
+        loc, scale, h = self.encoder(x)
+        base = dist.Normal(loc, scale).to_event(1)
+        if self.flow is None:
+            return base, None
+        t = self.flow.condition(h)
+        return dist.TransformedDistribution(base, [t]), (base, t)
+
+    def _rsample_and_log_q(self, x: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` reparameterised draws ``z`` of ``q(z | x)`` with their exact log-density,
+        shapes ``(num, *batch, z_dim)`` and ``(num, *batch)``; one pass of each network."""
+        q, parts = self._posterior(x)
+        if parts is None:
+            z = q.rsample((num,))
+            return z, q.log_prob(z)
+        base, t = parts
+        z0 = base.rsample((num,))
+        z = t(z0)
+        return z, base.log_prob(z0) - t.log_abs_det_jacobian(z0, z)
+
+    # ------------------------------------------------------------------ pyro
+    def model(self, x: torch.Tensor, size: int | None = None) -> None:
+        r"""The generative model: :math:`z \sim \mathcal{N}(0, I)` at site ``"z"``, then
+        ``x`` observed under :math:`p(x \mid z)` at site ``"x"``, in
+        ``pyro.plate("data", size)``.
+
+        Args:
+            x: a batch of data, shape ``(N, *input_shape)``: binary or in :math:`[0, 1]`
+                (Bernoulli), finite (Gaussian); checked before any computation.
+            size: the number of examples in the whole data set when ``x`` is a minibatch
+                of it: the plate scales the batch's terms by ``size / N``, so the loss is
+                an unbiased estimate of the full data set's. ``None``: ``N``.
+        """
+        x = self._check_data(x, batched=True)
+        n = self._plate_size(x, size)
+        self._register("decoder", self.decoder)
+        with pyro.plate("data", n, subsample=torch.arange(x.shape[0], device=x.device)):
+            z = pyro.sample("z", self.prior((x.shape[0],)))
+            pyro.sample("x", self.likelihood_dist(z), obs=x)
+
+    def guide(self, x: torch.Tensor, size: int | None = None) -> None:
+        r"""The amortised posterior :math:`q(z \mid x)` at site ``"z"`` (see
+        :meth:`posterior`), in the same plate as :meth:`model`; takes the same arguments."""
+        x = self._check_data(x, batched=True)
+        n = self._plate_size(x, size)
+        self._register("encoder", self.encoder)
+        if self.flow is not None:
+            self._register("flow", self.flow)
+        with pyro.plate("data", n, subsample=torch.arange(x.shape[0], device=x.device)):
+            pyro.sample("z", self._posterior(x)[0])
+
+    def _plate_size(self, x: torch.Tensor, size: int | None) -> int:
+        if size is None:
+            return x.shape[0]
+        if isinstance(size, bool) or not isinstance(size, int) or size < x.shape[0]:
+            raise ValueError(
+                f"expected size, the number of examples in the data set, an integer >= the "
+                f"batch size {x.shape[0]}, got {size!r}"
+            )
+        return size
+
+    def _register(self, part: str, module: nn.Module) -> None:
+        """``pyro.module``, with this VAE's own tensors winning: a parameter of the same
+        name left in Pyro's param store by another module (an earlier VAE, or the one a
+        checkpoint was trained as) is replaced, so that ``SVI`` optimises the tensors this
+        VAE computes with. (Plain ``pyro.module`` would keep the stored tensor, and SVI
+        would then silently train that one instead.)"""
+        prefix = f"{self._pyro_name}.{part}" if self._pyro_name else part
+        store = pyro.get_param_store()
+        for pname, p in module.named_parameters():
+            full = param_with_module_name(prefix, pname)
+            if full in store and store._params[full] is not p:
+                del store[full]
+        pyro.module(prefix, module)
+
+    # ------------------------------------------------------------------ evaluation
+    def log_weights(self, x: torch.Tensor, num_samples: int = 1) -> torch.Tensor:
+        r"""Importance log-weights :math:`\log p(x, z_k) - \log q(z_k \mid x)`,
+        :math:`z_k \sim q(z \mid x)`, shape ``(num_samples, N)`` for ``x`` of shape
+        ``(N, *input_shape)``. Differentiable (no ``no_grad`` here)."""
+        x = self._check_data(x, batched=True)
+        k = self._check_count(num_samples, "num_samples")
+        z, log_q = self._rsample_and_log_q(x, k)
+        log_p = self.prior(z.shape[:-1]).log_prob(z) + self.likelihood_dist(z).log_prob(x)
+        return log_p - log_q
+
+    def elbo(self, x: torch.Tensor, num_particles: int = 1) -> torch.Tensor:
+        r"""The ELBO :math:`\mathcal{L}(x)` per example in nats, averaged over
+        ``num_particles`` draws (a Monte Carlo estimate, unbiased), shape ``(N,)``.
+        The same objective as ``Trace_ELBO`` (without the plate's scaling)."""
+        k = self._check_count(num_particles, "num_particles")
+        with _evaluating():
+            total: torch.Tensor | None = None
+            for chunk in _chunks(k, self._chunk(x)):
+                part = self.log_weights(x, chunk).sum(0)
+                total = part if total is None else total + part
+            assert total is not None
+            return total / k
+
+    def iwae_log_likelihood(self, x: torch.Tensor, num_samples: int = 5000,
+                            chunk_size: int | None = None) -> torch.Tensor:
+        r"""The importance-weighted estimate of :math:`\log p(x)`,
+        :math:`\log \frac1K \sum_k p(x, z_k) / q(z_k \mid x)` with ``K = num_samples``,
+        one value per example in nats, shape ``(N,)``. Its expectation is the bound
+        :math:`\mathcal{L}_K`, which increases with ``K`` towards :math:`\log p(x)`.
+
+        The ``K`` draws are taken ``chunk_size`` at a time (default: as many as keep about
+        :math:`2^{21}` decoder outputs in memory) and combined by a running log-sum-exp,
+        so ``K = 5000`` needs the memory of one chunk.
+        """
+        k = self._check_count(num_samples, "num_samples")
+        if chunk_size is not None:
+            chunk_size = self._check_count(chunk_size, "chunk_size")
+        with _evaluating():
+            acc: torch.Tensor | None = None
+            for chunk in _chunks(k, chunk_size or self._chunk(x)):
+                lse = torch.logsumexp(self.log_weights(x, chunk), dim=0)
+                acc = lse if acc is None else torch.logaddexp(acc, lse)
+            assert acc is not None
+            return acc - math.log(k)
+
+    def _chunk(self, x: torch.Tensor) -> int:
+        return max(1, 2**21 // max(1, x.numel()))
+
+    @staticmethod
+    def _check_count(value: int, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected {name} a positive integer, got {value!r}")
+        return value
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The centre of :math:`q(z \mid x)`, shape ``(*batch, z_dim)``: the encoder's mean
+        :math:`\mu(x)`, pushed through the conditioned flow when there is one."""
+        with _evaluating():
+            x = self._check_data(x)
+            loc, _, h = self.encoder(x)
+            return loc if self.flow is None else self.flow.condition(h)(loc)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        r"""The mean of :math:`p(x \mid z)` (Bernoulli probabilities or the Gaussian mean),
+        shape ``(*batch, *input_shape)``, for ``z`` of shape ``(*batch, z_dim)``."""
+        if not isinstance(z, torch.Tensor) or z.dim() < 1 or z.shape[-1] != self.z_dim:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"expected latents of shape (..., {self.z_dim}), got {got}")
+        with _evaluating():
+            out = self.decoder(z)
+            return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        r"""``decode(encode(x))``: the decoder's mean at the posterior's centre, the shape
+        of ``x``."""
+        return self.decode(self.encode(x))
+
+    def sample(self, n: int, mean: bool = False) -> torch.Tensor:
+        r"""``n`` draws of the model, shape ``(n, *input_shape)``: :math:`z \sim p(z)`, then
+        :math:`x \sim p(x \mid z)`, or with ``mean=True`` the mean of :math:`p(x \mid z)`
+        (the picture usually shown for a Bernoulli VAE)."""
+        n = self._check_count(n, "n")
+        with _evaluating():
+            z = self.prior((n,)).sample()
+            return self.decode(z) if mean else self.likelihood_dist(z).sample()
+
+    def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8) -> torch.Tensor:
+        r"""Decoder means along the straight line from ``encode(x1)`` to ``encode(x2)``,
+        ``steps`` points including both ends, shape ``(steps, *x1.shape)``."""
+        steps = self._check_count(steps, "steps")
+        if not isinstance(x2, torch.Tensor) or not isinstance(x1, torch.Tensor) or x1.shape != x2.shape:
+            raise ValueError(
+                f"expected x1 and x2 tensors of the same shape, got {getattr(x1, 'shape', x1)} "
+                f"and {getattr(x2, 'shape', x2)}"
+            )
+        z1, z2 = self.encode(x1), self.encode(x2)
+        t = torch.linspace(0, 1, steps, device=z1.device).reshape((steps,) + (1,) * z1.dim())
+        return self.decode(z1 + t * (z2 - z1))
+
+    # ------------------------------------------------------------------ checks
+    def _check_data(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        """Validate data before any computation; integer and boolean dtypes become floats."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
+        if x.is_complex():
+            raise ValueError(f"expected real data, got dtype {x.dtype}")
+        if not x.is_floating_point():
+            x = x.to(torch.get_default_dtype())
+        k = len(self.input_shape)
+        ok = x.dim() == k + 1 if batched else x.dim() >= k
+        if not ok or tuple(x.shape[x.dim() - k :]) != self.input_shape:
+            dims = ", ".join(map(str, self.input_shape))
+            want = f"(N, {dims})" if batched else f"(..., {dims})"
+            raise ValueError(f"expected data of shape {want}, got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"expected finite data, got {bad} NaN or infinite values")
+        if self.likelihood == "bernoulli" and x.numel() and (
+            bool((x < 0).any()) or bool((x > 1).any())
+        ):
+            raise ValueError(
+                "the Bernoulli likelihood expects data in [0, 1] (binary, or grey values as "
+                f"soft targets), got values in [{float(x.min()):g}, {float(x.max()):g}]"
+            )
+        return x
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_shape={self.input_shape}, z_dim={self.z_dim}, likelihood={self.likelihood!r}, "
+            f"encoder={self.encoder_kind!r}, posterior_flow={self.posterior_flow_kind!r}"
+        )
+
+
+def _chunks(total: int, size: int) -> Iterator[int]:
+    size = max(1, size)
+    while total > 0:
+        yield min(size, total)
+        total -= size
+
+
+@contextmanager
+def _evaluating() -> Iterator[None]:
+    """No gradients, and out of inference mode: the results are ordinary tensors, usable
+    inside and outside ``torch.inference_mode()`` (an inference tensor cannot enter a
+    later autograd graph, e.g. as a target in a training loop)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+class ImportanceWeightedELBO(RenyiELBO):
+    r"""The importance-weighted bound :math:`\mathcal{L}_K` (IWAE) as a Pyro ELBO:
+    ``RenyiELBO(alpha=0, num_particles=K)`` plus a ``differentiable_loss``, so a plain
+    torch optimiser can train it, and with each example's weights combined before the
+    data plate's minibatch scale is applied.
+
+    For a model whose latents and observations are local to one data plate,
+    :math:`-\text{loss} = s \sum_n \log \frac1K \sum_k w_{nk}`, with the log-weight
+    :math:`\log w_{nk} = \log p(x_n, z_{nk}) - \log q(z_{nk} \mid x_n)` summed over the
+    sites of example :math:`n` and :math:`s` the plate's scale (``size / N`` for a
+    minibatch of ``N`` out of ``size``). Pyro's ``RenyiELBO`` weights the *scaled*
+    log-densities, :math:`\log \frac1K \sum_k w_{nk}^s`, which equals this for full
+    batches (:math:`s = 1`) only. The gradient is the IWAE gradient,
+    :math:`\sum_k \tilde w_{nk} \nabla \log w_{nk}` with normalised weights, through
+    reparameterised draws (guides without ``rsample`` are refused).
+
+    Cost: ``K`` passes of model and guide (one vectorised pass with
+    ``vectorize_particles=True``; the model must then broadcast over a leading particle
+    dimension, as :class:`VAE` does).
+
+    Example::
+
+        >>> import pyro
+        >>> pyro.clear_param_store()
+        >>> vae = VAE(6, z_dim=2, hidden_dims=(8,))
+        >>> x = torch.rand(4, 6).bernoulli()
+        >>> iwae = ImportanceWeightedELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1)
+        >>> iwae.differentiable_loss(vae.model, vae.guide, x).shape
+        torch.Size([])
+
+    Reference: Burda, Grosse, Salakhutdinov (2016), Importance weighted autoencoders,
+    arXiv:1509.00519.
+    """
+
+    def __init__(self, num_particles: int = 5, max_plate_nesting: float = float("inf"),
+                 vectorize_particles: bool = False) -> None:
+        super().__init__(alpha=0, num_particles=num_particles, max_plate_nesting=max_plate_nesting,
+                         vectorize_particles=vectorize_particles)
+
+    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any],
+                            *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Minus the importance-weighted bound, differentiable."""
+        particles = []
+        scales: set[float] = set()
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            sites = [
+                s for t in (model_trace, guide_trace) for s in t.nodes.values() if s["type"] == "sample"
+            ]
+            sum_dims = get_dependent_plate_dims(sites)
+            log_w: Any = 0.0
+            for site in model_trace.nodes.values():
+                if site["type"] == "sample":
+                    log_w = log_w + torch_sum(site["unscaled_log_prob"], sum_dims)
+                    scales.add(float(site["scale"]))
+            for site in guide_trace.nodes.values():
+                if site["type"] == "sample":
+                    if not site["is_observed"] and not site["fn"].has_rsample:
+                        raise NotImplementedError(
+                            f"ImportanceWeightedELBO needs reparameterised guide sites; "
+                            f"site {site['name']!r} has no rsample"
+                        )
+                    log_w = log_w - torch_sum(site["unscaled_log_prob"], sum_dims)
+                    scales.add(float(site["scale"]))
+            particles.append(log_w)
+        if len(scales) > 1:
+            raise NotImplementedError(
+                f"ImportanceWeightedELBO needs every site under one data-plate scale, got {sorted(scales)}"
+            )
+        scale = scales.pop() if scales else 1.0
+        is_vectorized = self.vectorize_particles and self.num_particles > 1
+        log_w = particles[0] if is_vectorized else torch.stack(particles)
+        bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
+        return -scale * bound.sum()
+
+    def loss(self, model: Callable[..., Any], guide: Callable[..., Any],  # type: ignore[override]
+             *args: Any, **kwargs: Any) -> float:
+        """Minus the importance-weighted bound, as a float."""
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+
+    def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any],  # type: ignore[override]
+                       *args: Any, **kwargs: Any) -> float:
+        """The loss, after back-propagating it into every parameter (what ``SVI`` calls)."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return float(loss.detach())

@@ -1,0 +1,139 @@
+"""Diagnostics against exact answers: the evidence of a conjugate model, k-hat of guides
+known to be good or bad, importance resampling, and the ArviZ export."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal, init_to_value
+
+from pyro_genext.diagnostics import (
+    diagnose,
+    importance_resample,
+    importance_samples,
+    log_evidence,
+    pareto_khat,
+    to_inference_data,
+)
+from pyro_genext.infer import AutoRealNVP
+
+Y = torch.tensor([0.3, 1.2, 0.8, 1.9, 0.4])
+N = len(Y)
+POST_VAR = 1.0 / (N + 1)  # mu ~ N(0, 1), y_i ~ N(mu, 1)
+POST_MEAN = float(Y.sum()) * POST_VAR
+
+
+def conjugate(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def exact_log_evidence():
+    cov = torch.eye(N, dtype=torch.float64) + 1.0
+    return float(dist.MultivariateNormal(torch.zeros(N, dtype=torch.float64), cov).log_prob(Y.double()))
+
+
+def gaussian_guide(shift=0.0, stretch=1.0):
+    pyro.clear_param_store()  # each guide its own parameters (they share a name)
+    init = init_to_value(values={"mu": torch.tensor(POST_MEAN + shift)})
+    return AutoDiagonalNormal(conjugate, init_loc_fn=init, init_scale=stretch * math.sqrt(POST_VAR))
+
+
+@pytest.mark.parametrize("shift,stretch", [(0.2, 1.3), (0.0, 0.8), (-0.3, 1.0)])
+def test_log_evidence_within_three_standard_errors_of_exact(shift, stretch):
+    est = log_evidence(conjugate, gaussian_guide(shift, stretch), Y, num_samples=4000)
+    exact = exact_log_evidence()
+    assert 0 < est.stderr < 0.05
+    assert abs(est.value - exact) < 3 * est.stderr, (est, exact)
+
+
+def test_log_evidence_is_exact_for_the_exact_posterior():
+    est = log_evidence(conjugate, gaussian_guide(), Y, num_samples=50)
+    assert abs(est.value - exact_log_evidence()) < 1e-4 and est.stderr < 1e-4
+
+
+def test_log_weights_are_log_p_minus_log_q():
+    guide = gaussian_guide(0.2, 1.3)
+    s = importance_samples(conjugate, guide, Y, num_samples=7, max_simultaneous=3)
+    assert s.log_p.shape == s.log_q.shape == (7,) and s.draws["mu"].shape == (7,)
+    mu = s.draws["mu"]
+    log_p = dist.Normal(0.0, 1.0).log_prob(mu) + dist.Normal(mu[:, None], 1.0).log_prob(Y).sum(-1)
+    q = dist.Normal(POST_MEAN + 0.2, 1.3 * math.sqrt(POST_VAR))
+    assert torch.allclose(s.log_p, log_p, atol=1e-4)
+    assert torch.allclose(s.log_q, q.log_prob(mu), atol=1e-4)
+
+
+def test_khat_separates_good_and_bad_guides():
+    def khat(shift, stretch):
+        guide = gaussian_guide(shift, stretch)
+        return pareto_khat(importance_samples(conjugate, guide, Y, num_samples=2000).log_weights)
+
+    good, bad = khat(0.05, 1.2), khat(0.3, 0.4)
+    assert good < 0.5 < 0.7 < bad, (good, bad)
+
+
+def test_importance_resample_moves_the_mean_to_the_posterior():
+    guide = gaussian_guide(0.25, 1.5)
+    r = importance_resample(conjugate, guide, Y, num_samples=4000, num_draws=3000)
+    assert r.draws["mu"].shape == (3000,) and math.isclose(float(r.weights.sum()), 1.0, rel_tol=1e-6)
+    assert 100 < r.ess < 4000 and r.khat < 0.7
+    sd = math.sqrt(POST_VAR)
+    assert abs(float(r.weighted["mu"].mean()) - POST_MEAN) > 0.2  # the guide's own mean is off
+    assert abs(float(r.mean()["mu"]) - POST_MEAN) < 0.05
+    assert abs(float(r.draws["mu"].mean()) - POST_MEAN) < 0.06
+    assert abs(float(r.draws["mu"].std()) - sd) < 0.05
+
+
+def schools(sigma, y=None):
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(5.0))
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("school", len(sigma)):
+        theta = pyro.sample("theta", dist.Normal(mu, tau))
+        pyro.deterministic("shifted", theta + w.sum(-1))
+        pyro.sample("obs", dist.Normal(theta, sigma), obs=y)
+
+
+def test_to_inference_data_names_dims_and_groups():
+    az = pytest.importorskip("arviz")
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0])
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0])
+    guide = AutoRealNVP(schools, num_layers=2, hidden_dims=(8,))
+    idata = to_inference_data(schools, guide, sigma, y, num_samples=200, posterior_predictive=True)
+    post = idata.posterior
+    assert set(post.data_vars) == {"mu", "tau", "w", "theta", "shifted"}
+    assert post["theta"].dims == ("chain", "draw", "school") and post["theta"].shape == (1, 200, 4)
+    assert post["shifted"].dims == ("chain", "draw", "school")
+    assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["mu"].shape == (1, 200)
+    assert (post["tau"] > 0).all()  # constrained values
+    assert idata.observed_data["obs"].dims == ("school",)
+    assert (idata.observed_data["obs"].values == y.numpy()).all()
+    assert idata.posterior_predictive["obs"].shape == (1, 200, 4)
+    # replicates vary around theta, not copies of the data
+    assert idata.posterior_predictive["obs"].std() > 5
+    stats = idata.sample_stats
+    lw = stats["log_p"] - stats["log_q"]
+    assert abs(lw - stats["log_weight"]).max() < 1e-4
+    summary = az.summary(idata, var_names=["mu", "tau"])
+    assert list(summary.index) == ["mu", "tau"]
+
+
+def test_diagnose_prints_and_judges(capsys):
+    good = diagnose(conjugate, gaussian_guide(0.05, 1.2), Y, num_samples=2000)
+    out = capsys.readouterr().out
+    assert "k-hat" in out and "verdict" in out and good.verdict.startswith("good")
+    assert good.elbo < good.log_evidence
+    assert abs(good.log_evidence - exact_log_evidence()) < 3 * good.log_evidence_stderr + 1e-3
+    assert 1000 < good.ess <= 2000
+    bad = diagnose(conjugate, gaussian_guide(0.3, 0.4), Y, num_samples=2000, verbose=False)
+    assert bad.verdict.startswith("not reliable") and bad.ess < good.ess
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="num_samples to be an integer >= 2"):
+        log_evidence(conjugate, AutoNormal(conjugate), Y, num_samples=1)

@@ -1,0 +1,432 @@
+"""The VAE: shapes, the ELBO against hand formulas and exact answers, IWAE, flow posteriors,
+the linear VAE against PCA, Pyro interop and input checks.
+
+Independent answers used here: for a *linear* Gaussian VAE, x = W z + c + s * eps, the
+marginal log p(x) = log N(x; c, W W^T + s^2 I) and the ELBO of a diagonal Gaussian guide
+are both in closed form; a flow posterior's density is checked against the change of
+variables with an autograd Jacobian; the PCA subspace comes from numpy's SVD.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+
+from pyro_genext.data import load_dataset
+from pyro_genext.models import VAE, ImportanceWeightedELBO
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Move every parameter off its (often zero) initial value."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+
+
+def linear_gaussian(d: int = 6, z: int = 2, sigma: float | None = 0.7) -> VAE:
+    vae = VAE(d, z, hidden_dims=(), likelihood="gaussian", sigma=sigma)
+    perturb(vae)
+    return vae
+
+
+def exact_log_px(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+    """log N(x; c, W W^T + s^2 I) of the linear Gaussian VAE."""
+    lin = vae.decoder.head[0]
+    w, c = lin.weight.detach(), lin.bias.detach()
+    s2 = float(vae.sigma) ** 2
+    cov = w @ w.T + s2 * torch.eye(w.shape[0])
+    return torch.distributions.MultivariateNormal(c, cov).log_prob(x)
+
+
+def exact_elbo(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+    """The linear Gaussian VAE's ELBO in closed form: E_q||x - W z - c||^2 is
+    ||x - W mu - c||^2 + sum_j |W_j|^2 sigma_j^2, and the KL is the textbook formula."""
+    lin = vae.decoder.head[0]
+    w, c = lin.weight.detach(), lin.bias.detach()
+    s2 = float(vae.sigma) ** 2
+    with torch.no_grad():
+        mu, sd, _ = vae.encoder(x)
+    d = x.shape[-1]
+    sq = ((x - mu @ w.T - c) ** 2).sum(-1) + (sd**2 @ (w**2).sum(0))
+    recon = -sq / (2 * s2) - 0.5 * d * math.log(2 * math.pi * s2)
+    kl = 0.5 * (sd**2 + mu**2 - torch.log(sd**2) - 1).sum(-1)
+    return recon - kl
+
+
+# ----------------------------------------------------------------------------- shapes
+CASES = [
+    pytest.param(7, "mlp", None, id="vector-mlp"),
+    pytest.param((7,), "mlp", "nice", id="vector-mlp-nice"),
+    pytest.param((1, 8, 8), "mlp", "realnvp", id="image-mlp-realnvp"),
+    pytest.param((1, 8, 8), "conv", None, id="image-conv"),
+    pytest.param((3, 5, 7), "conv", "realnvp", id="odd-image-conv-realnvp"),
+]
+
+
+@pytest.mark.parametrize("shape, encoder, flow", CASES)
+def test_shapes(shape, encoder, flow):
+    vae = VAE(shape, 3, hidden_dims=(16,), encoder=encoder, posterior_flow=flow, num_flows=2,
+              flow_hidden_dims=(8,))
+    event = (shape,) if isinstance(shape, int) else shape
+    x = torch.rand((5, *event)).bernoulli()
+    guide = poutine.trace(vae.guide).get_trace(x)
+    model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x)
+    assert guide.nodes["z"]["value"].shape == (5, 3)
+    assert model.nodes["x"]["fn"].batch_shape == (5,)
+    assert model.nodes["x"]["fn"].event_shape == event
+    assert vae.reconstruct(x).shape == x.shape
+    assert vae.encode(x).shape == (5, 3)
+    assert vae.sample(4).shape == (4, *event)
+    assert vae.sample(4, mean=True).shape == (4, *event)
+    assert vae.interpolate(x[0], x[1], steps=6).shape == (6, *event)
+    assert vae.interpolate(x[:2], x[2:4], steps=3).shape == (3, 2, *event)
+    assert vae.elbo(x).shape == (5,)
+    assert vae.iwae_log_likelihood(x, num_samples=4).shape == (5,)
+    assert vae.posterior(x).log_prob(guide.nodes["z"]["value"]).shape == (5,)
+    # the decoder broadcasts over leading particle dimensions (vectorised IWAE)
+    assert vae.likelihood_dist(torch.randn(2, 5, 3)).batch_shape == (2, 5)
+
+
+def test_linear_and_sample_values():
+    vae = VAE(6, 2, hidden_dims=())
+    assert [type(m).__name__ for m in vae.decoder.head] == ["Linear"]
+    assert [type(m).__name__ for m in vae.encoder.body] == []
+    s = vae.sample(50)
+    assert set(s.unique().tolist()) <= {0.0, 1.0}  # Bernoulli draws
+    m = vae.sample(50, mean=True)
+    assert bool(((m > 0) & (m < 1)).all())  # probabilities
+
+
+# ----------------------------------------------------------------------------- training
+def binarised_digits(split: str, n: int | None = None) -> torch.Tensor:
+    data = load_dataset("digits", split)
+    x = data.x.reshape(len(data), -1) / (data.levels - 1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.bernoulli(x, generator=g)
+    return x if n is None else x[:n]
+
+
+@pytest.mark.parametrize("flow", [None, "realnvp"])
+def test_training_improves_heldout_elbo_and_trains_every_parameter(flow):
+    x_train, x_val = binarised_digits("train"), binarised_digits("val")
+    vae = VAE(64, 4, hidden_dims=(64,), posterior_flow=flow, num_flows=2, flow_hidden_dims=(16,))
+    before = {k: p.detach().clone() for k, p in vae.named_parameters()}
+    torch.manual_seed(0)
+    start = float(vae.elbo(x_val, num_particles=4).mean())
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 3e-3}), TraceMeanField_ELBO())
+    for _ in range(150):
+        idx = torch.randint(0, len(x_train), (64,))
+        svi.step(x_train[idx], size=len(x_train))
+    torch.manual_seed(0)
+    end = float(vae.elbo(x_val, num_particles=4).mean())
+    assert end > start + 5, (start, end)
+    unchanged = [k for k, p in vae.named_parameters() if torch.equal(p, before[k])]
+    assert not unchanged, f"SVI never moved {unchanged}"
+    if flow is not None:
+        assert any(k.startswith("flow.") for k in before)
+
+
+def test_size_scales_minibatch_unbiasedly():
+    vae = VAE(6, 2, hidden_dims=(8,))
+    x = torch.rand(4, 6).bernoulli()
+    loss = TraceMeanField_ELBO().differentiable_loss
+    pyro.set_rng_seed(3)
+    batch = loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(3)
+    scaled = loss(vae.model, vae.guide, x, size=40)
+    assert torch.allclose(scaled, 10 * batch)
+    with pytest.raises(ValueError, match="size"):
+        vae.model(x, size=3)
+
+
+# ----------------------------------------------------------------------------- the ELBO
+def test_meanfield_loss_is_the_hand_formula_with_the_same_draw():
+    sigma = 0.5
+    vae = VAE(6, 3, hidden_dims=(8,), likelihood="gaussian", sigma=sigma)
+    perturb(vae)
+    x = torch.randn(5, 6)
+    pyro.set_rng_seed(11)
+    loss = TraceMeanField_ELBO().loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(11)  # the guide is the only random step: the same z again
+    z = poutine.trace(vae.guide).get_trace(x).nodes["z"]["value"].detach()
+    with torch.no_grad():
+        mu, sd, _ = vae.encoder(x)
+        f = vae.decoder(z)
+    d = x.shape[-1]
+    recon = -((x - f) ** 2).sum(-1) / (2 * sigma**2) - 0.5 * d * math.log(2 * math.pi * sigma**2)
+    kl = 0.5 * (sd**2 + mu**2 - torch.log(sd**2) - 1).sum(-1)
+    hand = float((recon - kl).sum())
+    assert loss == pytest.approx(-hand, rel=1e-5)
+    # the formula really depends on z: another draw gives another number
+    pyro.set_rng_seed(12)
+    assert TraceMeanField_ELBO().loss(vae.model, vae.guide, x) != pytest.approx(loss, rel=1e-3)
+
+
+def test_trace_elbo_and_elbo_method_agree_with_the_closed_form_in_expectation():
+    vae = linear_gaussian()
+    x = torch.randn(8, 6)
+    exact = float(exact_elbo(vae, x).sum())
+    m = 300
+    losses = torch.tensor([Trace_ELBO().loss(vae.model, vae.guide, x) for _ in range(m)])
+    se = float(losses.std()) / math.sqrt(m)
+    assert abs(-float(losses.mean()) - exact) < 4 * se + 1e-3, (float(losses.mean()), exact, se)
+    # TraceMeanField_ELBO: the same expectation with less noise
+    tmf = torch.tensor([TraceMeanField_ELBO().loss(vae.model, vae.guide, x) for _ in range(m)])
+    assert float(tmf.std()) < float(losses.std())
+    assert abs(-float(tmf.mean()) - exact) < 4 * float(tmf.std()) / math.sqrt(m) + 1e-3
+    # the per-example method
+    per = vae.elbo(x, num_particles=4000)
+    with torch.no_grad():
+        se_per = vae.log_weights(x, 4000).std(0) / math.sqrt(4000)
+    assert bool(((per - exact_elbo(vae, x)).abs() < 4 * se_per).all())
+
+
+# ----------------------------------------------------------------------------- IWAE
+def mean_field_posterior(vae: VAE) -> None:
+    """Set the linear encoder to the best diagonal Gaussian of the linear Gaussian VAE:
+    the exact posterior mean M^-1 W^T (x - c), M = W^T W + s^2 I, and the variances
+    1 / diag of the posterior precision M / s^2. Its gap is the KL of the ignored
+    correlations."""
+    lin = vae.decoder.head[0]
+    w, c = lin.weight.detach(), lin.bias.detach()
+    s2 = float(vae.sigma) ** 2
+    m = w.T @ w + s2 * torch.eye(w.shape[1])
+    a = torch.linalg.solve(m, w.T)
+    sd = (s2 / torch.diagonal(m)).sqrt()
+    with torch.no_grad():
+        vae.encoder.loc.weight.copy_(a)
+        vae.encoder.loc.bias.copy_(-a @ c)
+        vae.encoder.scale.weight.zero_()
+        vae.encoder.scale.bias.copy_(torch.log(torch.expm1(sd - 1e-5)))
+
+
+def test_iwae_rises_with_k_towards_the_exact_log_likelihood():
+    vae = linear_gaussian(d=5, z=2, sigma=0.5)
+    with torch.no_grad():  # correlated columns: a correlated posterior, a real mean-field gap
+        w = vae.decoder.head[0].weight
+        w[:, 1] = w[:, 0] + 0.2 * torch.randn(5)
+    mean_field_posterior(vae)
+    x = torch.randn(20, 5)
+    exact = exact_log_px(vae, x)
+    elbo = exact_elbo(vae, x)
+    assert bool((elbo < exact).all())  # the ELBO is a lower bound: the gap is KL(q || p(z|x))
+    gap = float((exact - elbo).mean())
+    assert gap > 0.1  # the test has a gap to close
+    # K = 1 is the ELBO, in expectation
+    one = vae.iwae_log_likelihood(x.repeat(50, 1), num_samples=1)
+    assert abs(float(one.mean()) - float(elbo.mean())) < 4 * float(one.std()) / math.sqrt(len(one))
+    means = {}
+    for k in (1, 10, 100, 5000):
+        torch.manual_seed(1)
+        means[k] = float(vae.iwae_log_likelihood(x, num_samples=k, chunk_size=700).mean())
+    assert means[1] < means[10] < means[100] < means[5000]
+    assert float(exact.mean()) - means[5000] < 0.1 * gap  # measured: 0.066 of the gap left
+    assert means[5000] < float(exact.mean()) + 0.01
+
+
+def test_iwae_chunks_combine_exactly():
+    vae = linear_gaussian(d=5, z=2)
+    x = torch.randn(6, 5)
+    table = torch.randn(64, 6) * 5
+    for chunk in (64, 5, 1):
+        pos = [0]
+
+        def fake(x_, num_samples=1, pos=pos):
+            out = table[pos[0] : pos[0] + num_samples]
+            pos[0] += num_samples
+            return out
+
+        vae.log_weights = fake  # the chunks consume the table in order
+        got = vae.iwae_log_likelihood(x, num_samples=64, chunk_size=chunk)
+        assert pos[0] == 64
+        assert torch.allclose(got, torch.logsumexp(table, 0) - math.log(64), atol=1e-5), chunk
+
+
+def test_importance_weighted_elbo_matches_renyi_and_is_unbiased_for_minibatches():
+    vae = VAE(6, 2, hidden_dims=(8,), posterior_flow="nice", num_flows=2, flow_hidden_dims=(8,))
+    perturb(vae)
+    x = torch.rand(4, 6).bernoulli()
+    ours = ImportanceWeightedELBO(num_particles=7)
+    pyro.set_rng_seed(5)
+    a = ours.loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(5)
+    b = RenyiELBO(alpha=0, num_particles=7).loss(vae.model, vae.guide, x)
+    assert a == pytest.approx(b, rel=1e-5)
+    pyro.set_rng_seed(5)
+    v = ImportanceWeightedELBO(num_particles=7, vectorize_particles=True, max_plate_nesting=1)
+    assert torch.isfinite(v.differentiable_loss(vae.model, vae.guide, x))
+    # a minibatch of a data set 3x its size: our loss scales by 3, Renyi's weights change
+    pyro.set_rng_seed(5)
+    assert ours.loss(vae.model, vae.guide, x, size=12) == pytest.approx(3 * a, rel=1e-5)
+    pyro.set_rng_seed(5)
+    assert RenyiELBO(alpha=0, num_particles=7).loss(vae.model, vae.guide, x, size=12) != pytest.approx(
+        3 * a, rel=1e-3
+    )
+    # one particle is the ELBO
+    pyro.set_rng_seed(6)
+    one = ImportanceWeightedELBO(num_particles=1).differentiable_loss(vae.model, vae.guide, x)
+    pyro.set_rng_seed(6)
+    assert torch.allclose(one, Trace_ELBO().differentiable_loss(vae.model, vae.guide, x), rtol=1e-5)
+
+
+def test_iwae_training_with_svi():
+    vae = VAE(6, 2, hidden_dims=(8,))
+    x = torch.rand(16, 6).bernoulli()
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-2}),
+              ImportanceWeightedELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1))
+    losses = [svi.step(x) for _ in range(60)]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+# ----------------------------------------------------------------------------- flow posterior
+@pytest.mark.parametrize("flow", ["nice", "realnvp"])
+def test_flow_posterior_log_q_is_the_change_of_variables(flow):
+    torch.set_default_dtype(torch.float64)
+    vae = VAE(5, 3, hidden_dims=(6,), posterior_flow=flow, num_flows=3, flow_hidden_dims=(7,))
+    perturb(vae, 0.5)
+    x = torch.rand(4, 5).bernoulli()
+    with torch.no_grad():
+        mu, sd, h = vae.encoder(x)
+    z0 = mu + sd * torch.randn(4, 3)
+    brute = []
+    for i in range(4):
+        t = vae.flow.condition(h[i])
+        jac = torch.autograd.functional.jacobian(lambda u, t=t: t(u), z0[i])
+        base = torch.distributions.Normal(mu[i], sd[i]).log_prob(z0[i]).sum()
+        brute.append(base - torch.linalg.slogdet(jac)[1])
+    brute = torch.stack(brute)
+    with torch.no_grad():
+        z = torch.stack([vae.flow.condition(h[i])(z0[i]) for i in range(4)])
+        q = vae.posterior(x)
+        assert not torch.allclose(z, z0)  # the flow does something
+        assert torch.allclose(q.log_prob(z.clone()), brute, atol=1e-8)  # scoring: inverse pass
+    # the sampling path used by elbo() and iwae_log_likelihood()
+    zs, log_q = vae._rsample_and_log_q(x, 2)
+    assert torch.allclose(log_q.detach(), vae.posterior(x).log_prob(zs.detach().clone()), atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- PCA
+def test_linear_gaussian_vae_finds_the_pca_subspace():
+    rng = np.random.RandomState(0)
+    n, d, k = 400, 8, 2
+    basis = np.linalg.qr(rng.randn(d, d))[0]
+    data = (rng.randn(n, d) * np.array([3.0, 2.0, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2])) @ basis.T + 1.0
+    x = torch.tensor(data, dtype=torch.float32)
+    vae = VAE(d, k, hidden_dims=(), likelihood="gaussian")
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 0.1}), TraceMeanField_ELBO())
+    for _ in range(200):
+        svi.step(x)
+    w = vae.decoder.head[0].weight.detach().double().numpy()
+
+    def max_angle(a: np.ndarray, b: np.ndarray) -> float:
+        qa, qb = np.linalg.qr(a)[0], np.linalg.qr(b)[0]
+        cos = np.linalg.svd(qa.T @ qb, compute_uv=False)
+        return float(np.degrees(np.arccos(np.clip(cos.min(), -1, 1))))
+
+    _, _, vt = np.linalg.svd(data - data.mean(0), full_matrices=False)
+    assert max_angle(w, vt[:k].T) < 5.0
+    assert max_angle(w, vt[k : 2 * k].T) > 80.0  # not just any subspace
+    # the learned noise level is the probabilistic-PCA one: the mean discarded variance
+    eig = np.linalg.svd(data - data.mean(0), compute_uv=False) ** 2 / n
+    assert float(vae.sigma) ** 2 == pytest.approx(eig[k:].mean(), rel=0.1)
+
+
+# ----------------------------------------------------------------------------- interop, checks
+def test_predictive():
+    vae = VAE(6, 2, hidden_dims=(8,), posterior_flow="realnvp", num_flows=2, flow_hidden_dims=(8,))
+    x = torch.rand(5, 6).bernoulli()
+    out = Predictive(vae.model, guide=vae.guide, num_samples=3)(x)
+    assert out["z"].shape == (3, 5, 2)
+    assert out["x"].shape == (3, 5, 6)
+    vec = Predictive(vae.model, guide=vae.guide, num_samples=3, parallel=True, return_sites=["z"])(x)
+    assert vec["z"].shape[-2:] == (5, 2)
+
+
+def test_bad_input_fails_before_any_computation():
+    vae = VAE(6, 2, hidden_dims=(8,))
+
+    def hook(*_):
+        raise AssertionError("the encoder ran on bad input")
+
+    vae.encoder.register_forward_pre_hook(hook)
+    vae.decoder.register_forward_pre_hook(hook)
+    good = torch.rand(3, 6).bernoulli()
+    bad = {
+        "NaN": good.clone().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"))),
+        r"\[0, 1\]": good * 2,
+        r"shape .*6\), got \(3, 7\)": torch.rand(3, 7),
+    }
+    for fn in (vae.model, vae.guide, vae.elbo, vae.iwae_log_likelihood, vae.encode, vae.reconstruct):
+        for match, x in bad.items():
+            with pytest.raises(ValueError, match=match):
+                fn(x)
+    with pytest.raises(ValueError, match=r"shape \(N, 6\)"):
+        vae.model(good[0])  # one example without the batch dimension
+    with pytest.raises(ValueError, match="num_samples"):
+        vae.iwae_log_likelihood(good, num_samples=0)
+    g = VAE(6, 2, hidden_dims=(8,), likelihood="gaussian", sigma=1.0)
+    g.model(good * 5)  # any finite value is in the Gaussian's support
+    for kwargs, match in [
+        (dict(likelihood="poisson"), "likelihood"),
+        (dict(posterior_flow="maf"), "posterior_flow"),
+        (dict(encoder="conv"), "conv"),
+        (dict(sigma=0.5), "sigma"),
+        (dict(activation="gelu"), "activation"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            VAE(6, 2, **kwargs)
+    with pytest.raises(ValueError, match="z_dim >= 2"):
+        VAE(6, 1, posterior_flow="nice")
+
+
+def test_the_vae_that_runs_owns_its_names_in_the_param_store():
+    """Two VAEs under one name (e.g. a model rebuilt from a checkpoint in the session that
+    trained it): SVI must train the tensors of the VAE it runs, never the other's."""
+    a, b = VAE(6, 2, hidden_dims=(8,)), VAE(6, 2, hidden_dims=(8,))
+    x = torch.rand(3, 6).bernoulli()
+    a.guide(x)
+    a.model(x)
+    before_a = {k: p.detach().clone() for k, p in a.named_parameters()}
+    before_b = {k: p.detach().clone() for k, p in b.named_parameters()}
+    svi = SVI(b.model, b.guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(x)
+    assert all(torch.equal(p, before_a[k]) for k, p in a.named_parameters())
+    moved = [k for k, p in b.named_parameters() if not torch.equal(p, before_b[k])]
+    assert "encoder.loc.weight" in moved and "decoder.head.0.weight" in moved
+    store = pyro.get_param_store()
+    assert store["encoder$$$loc.weight"] is b.encoder.loc.weight
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("flow", [None, "realnvp"])
+def test_methods_under_no_grad_and_inference_mode(context, flow):
+    vae = VAE((1, 4, 4), 2, hidden_dims=(8,), posterior_flow=flow, num_flows=2, flow_hidden_dims=(8,))
+    perturb(vae, 0.1)
+    x = torch.rand(3, 1, 4, 4).bernoulli()
+    calls = {
+        "elbo": lambda: vae.elbo(x, num_particles=3),
+        "iwae": lambda: vae.iwae_log_likelihood(x, num_samples=5),
+        "encode": lambda: vae.encode(x),
+        "reconstruct": lambda: vae.reconstruct(x),
+        "sample": lambda: vae.sample(2),
+        "interpolate": lambda: vae.interpolate(x[0], x[1], 4),
+    }
+    plain = {}
+    for name, call in calls.items():
+        torch.manual_seed(0)
+        plain[name] = call()
+        assert not plain[name].requires_grad
+    ctx = torch.no_grad if context == "no_grad" else torch.inference_mode
+    for name, call in calls.items():
+        torch.manual_seed(0)
+        with ctx():
+            inside = call()
+        assert torch.allclose(inside, plain[name]), name
+        inside + torch.ones_like(inside, requires_grad=True)  # usable outside the context
