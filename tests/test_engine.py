@@ -150,3 +150,39 @@ def test_fit_refuses_unknown_settings_and_batch_too_large():
         engine.fit("realnvp", {"data": "moons", "hiden": 3})
     with pytest.raises(ValueError, match="larger than the training split"):
         engine.fit("nice", {"data": "moons", "batch_size": 20000}, progress=False)
+
+
+def test_a_kinds_own_evaluate_and_sample_flags_reach_it(tmp_path, capsys):
+    """add_evaluate_arguments / add_sample_arguments: the flags are parsed once the
+    checkpoint names the kind, and reach evaluate/sample; other kinds refuse them."""
+    seen = {}
+
+    def evaluate(m, data, args):
+        seen["evaluate"] = (args.num_samples, args.split, args.settings["init_scale"])
+        return {"nll": 0.0}
+
+    def sample(m, data, args):
+        seen["sample"] = args.latent
+        return []
+
+    kind = engine.ModelKind(**{
+        **GAUSSIAN.__dict__, "name": "gaussian-flags", "evaluate": evaluate, "sample": sample,
+        "add_evaluate_arguments": lambda p: p.add_argument("--num-samples", type=int, default=5),
+        "add_sample_arguments": lambda p: p.add_argument("--latent", action="store_true"),
+    })
+    engine.register(kind)
+    try:
+        out = tmp_path / "g"
+        assert main(["train", "gaussian-flags", "--data", "moons", "--steps", "0", "--out", str(out),
+                     "--quiet"]) == 0
+        assert main(["evaluate", str(out), "--num-samples", "7", "--split", "val"]) == 0
+        assert main(["sample", str(out), "--latent", "--out", str(tmp_path / "x.png")]) == 0
+        assert seen == {"evaluate": (7, "val", 1.0), "sample": True}
+        flow = tmp_path / "f"
+        assert main(["train", "nice", "--data", "moons", "--steps", "0", "--out", str(flow),
+                     "--hidden", "8", "--quiet"]) == 0
+        capsys.readouterr()
+        assert main(["evaluate", str(flow), "--num-samples", "7"]) == 2
+        assert "unrecognized arguments: --num-samples 7" in capsys.readouterr().err
+    finally:
+        del engine.KINDS["gaussian-flags"]
