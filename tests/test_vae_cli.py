@@ -131,3 +131,24 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
     assert a["step"] == b["step"] == 20
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_vae_kind_checks_a_split_once_and_the_model_skips_value_checks_when_told():
+    import torch
+
+    from pyro_genext.checks import data_checks
+    from pyro_genext.kinds.vae import check_data
+    from pyro_genext.models import VAE
+
+    m = VAE((1, 4, 4), 2, hidden_dims=(8,))
+    m.data_levels = 17
+    good = torch.randint(0, 17, (6, 1, 4, 4)).float()
+    check_data(m, good)
+    with pytest.raises(ValueError, match=r"grey levels in \[0, 16\]"):
+        check_data(m, good + 17)
+    with pytest.raises(ValueError, match="finite"):
+        check_data(m, good * float("nan"))
+    with data_checks(False):  # what the engine's steps run in: no value read back
+        m.elbo(torch.full((2, 1, 4, 4), 3.0))
+        with pytest.raises(ValueError, match="expected data of shape"):  # shapes always
+            m.elbo(torch.zeros(2, 4, 4))

@@ -157,6 +157,19 @@ def prepare(m: Any, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return intensities(x, levels)
 
 
+def check_data(m: Any, x: torch.Tensor) -> None:
+    """A whole split, once: finite values, grey levels in range, and what the model takes
+    after :func:`prepare`."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"expected finite data, got {int((~torch.isfinite(x)).sum())} NaN or "
+                         f"infinite values")
+    levels = getattr(m, "data_levels", None)
+    if levels is not None and x.numel() and (float(x.min()) < 0 or float(x.max()) > levels - 1):
+        raise ValueError(f"expected grey levels in [0, {levels - 1}], got values in "
+                         f"[{float(x.min()):g}, {float(x.max()):g}]")
+    m.check_data(prepare(m, x, torch.Generator().manual_seed(0)))
+
+
 @contextmanager
 def _fixed_noise(x: torch.Tensor) -> Iterator[None]:
     """Latent draws from a generator seeded afresh, with torch's global state restored
@@ -238,6 +251,7 @@ VAE_KIND = ModelKind(
     build=build,
     loss=loss,
     metrics=metrics,
+    check_data=check_data,
     evaluate=evaluate,
     sample=sample,
     prepare=prepare,

@@ -120,6 +120,7 @@ from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
+from ..checks import data_checks_enabled
 from ..flows import ConditionalChain, conditional_nice, conditional_realnvp
 
 __all__ = ["VAE", "ImportanceWeightedELBO"]
@@ -569,8 +570,17 @@ class VAE(PyroModule):
         return self.decode(z1 + t * (z2 - z1))
 
     # ------------------------------------------------------------------ checks
-    def _check_data(self, x: torch.Tensor, batched: bool = False) -> torch.Tensor:
-        """Validate data before any computation; integer and boolean dtypes become floats."""
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` (shape ``(N, *input_shape)``) is data this model
+        takes (finite; in [0, 1] for the Bernoulli likelihood). Runs even inside
+        :func:`~pyro_genext.checks.data_checks` ``(False)``: check a data set once, then
+        train without per-step checks (no host synchronisation on a GPU)."""
+        self._check_data(x, batched=True, force=True)
+
+    def _check_data(self, x: torch.Tensor, batched: bool = False, force: bool = False) -> torch.Tensor:
+        """Validate data before any computation; integer and boolean dtypes become floats.
+        Shapes always; values unless switched off by
+        :func:`~pyro_genext.checks.data_checks` (and not ``force``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
         if x.is_complex():
@@ -583,6 +593,8 @@ class VAE(PyroModule):
             dims = ", ".join(map(str, self.input_shape))
             want = f"(N, {dims})" if batched else f"(..., {dims})"
             raise ValueError(f"expected data of shape {want}, got {tuple(x.shape)}")
+        if not (force or data_checks_enabled()):
+            return x
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"expected finite data, got {bad} NaN or infinite values")
