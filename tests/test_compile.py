@@ -126,3 +126,28 @@ def test_bf16_autocast_keeps_log_dets_in_float32():
     assert z.dtype == ladj.dtype == lp.dtype == torch.float32
     # bf16 matmuls (8 significant bits) perturb the conditioners' outputs only
     assert torch.allclose(lp, ref, rtol=0.02, atol=0.1), (lp - ref).abs().max()
+
+
+def test_compiled_log_prob_runs_each_network_once():
+    """Inside a compiled function the log-det of the pair the inverse just produced is
+    served too: the traced graph holds one pass of every conditioner, not two."""
+    torch._dynamo.reset()
+    flow = pg.realnvp(6, num_layers=3, hidden_dims=(8,), norm=None)
+    base = dist.Normal(torch.zeros(6), 1.0).to_event(1)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(sum(1 for n in gm.graph.nodes if n.target is torch._C._nn.linear))
+        return gm.forward
+
+    from pyro_genext.testing import perturb_parameters
+
+    perturb_parameters(flow, 0.2)
+    v = torch.randn(4, 6)
+    with data_checks(False):
+        lp = torch.compile(lambda v: dist.TransformedDistribution(base, [flow]).log_prob(v),
+                           fullgraph=True, backend=count)(v)
+    assert graphs == [3 * 2]  # 3 couplings x 2 linear layers: one pass
+    z, ladj = flow.with_cache(0)._inverse_and_ladj(v)
+    assert torch.allclose(lp, base.log_prob(z) - ladj)
+    assert getattr(flow, "_traced", None) is None  # nothing left behind

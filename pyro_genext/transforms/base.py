@@ -28,7 +28,12 @@ could be wrong:
 * the pair was computed without gradients and gradients are now wanted;
 * the returned tensor was garbage-collected: the entry goes with it, so nothing the
   user dropped (an input, a log-determinant's autograd graph) is kept alive;
-* inference tensors (``torch.inference_mode``) and code being compiled are never cached.
+* inference tensors (``torch.inference_mode``) are never cached.
+
+Inside code being compiled (``torch.compile``), where weak references and version
+counters do not trace, the pair a call produced is kept in a plain attribute only until
+``log_abs_det_jacobian`` takes it back, within the same traced function: a compiled
+``log_prob`` runs each network once, as an eager one does.
 
 With ``cache_size=0`` nothing is remembered, as torch's contract says:
 ``log_abs_det_jacobian`` then runs the network again.
@@ -189,7 +194,13 @@ class FlowTransform(Transform):
     # ------------------------------------------------------------------ caching
     def _remember(self, inp: torch.Tensor, out: torch.Tensor, ladj: torch.Tensor,
                   forward: bool) -> None:
-        if torch.compiler.is_compiling() or inp.is_inference() or out.is_inference():
+        if torch.compiler.is_compiling():
+            # inside a compiled function: the pair is remembered for the length of the
+            # trace only (no weak references or version counters, which do not trace);
+            # log_abs_det_jacobian takes it back out, so nothing outlives the call
+            self._traced = (inp, out, ladj, forward)
+            return
+        if inp.is_inference() or out.is_inference():
             return
         try:
             state = list(self._state_tensors())
@@ -254,6 +265,13 @@ class FlowTransform(Transform):
         return self._inverse(y)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            traced = getattr(self, "_traced", None)
+            if traced is not None:
+                self._traced = None
+                inp, out, ladj, forward = traced
+                if (forward and inp is x and out is y) or (not forward and inp is y and out is x):
+                    return ladj
         if self._cache_size == 1:
             e = self._served(y, forward_entry=True)
             if e is not None and e.inp is x:
@@ -268,6 +286,7 @@ class FlowTransform(Transform):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # drops the weak inverse
         state["_entry"] = None  # weak references cannot be copied; a copy starts empty
+        state.pop("_traced", None)
         state.pop("_cached_x_y", None)
         return state
 
