@@ -46,30 +46,29 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags evaluate and sample share: which run, where its data are, how to compute."""
+    p.add_argument("run", type=Path, help="a training run folder or checkpoint file")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of a run folder (default: best)")
+    p.add_argument("--root", default=None, help="folder holding the data files (default: the run's)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default: the model's fastest)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+
+
 def _add_evaluate_arguments(e: argparse.ArgumentParser) -> None:
-    e.add_argument("run", type=Path, help="a training run folder or checkpoint file")
+    _add_run_arguments(e)
     e.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="the split to score (default: test)")
-    e.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="which checkpoint of a run folder (default: best)")
-    e.add_argument("--root", default=None, help="folder holding the data files (default: the run's)")
-    e.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (default: the model's fastest)")
     e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
 def _add_sample_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("run", type=Path, help="a training run folder or checkpoint file")
+    _add_run_arguments(s)
     s.add_argument("--num", type=positive_int, default=64, help="how many samples (default: 64)")
     s.add_argument("--out", required=True, type=Path, help="the PNG file to write")
     s.add_argument("--seed", type=nonneg_int, default=0, help="seeds the draw (default: 0)")
-    s.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="which checkpoint of a run folder (default: best)")
-    s.add_argument("--root", default=None, help="folder holding the data files (default: the run's)")
-    s.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (default: the model's fastest)")
-    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
 
 
 def _extras_epilog(attr: str) -> str:
