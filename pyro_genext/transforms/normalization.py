@@ -217,8 +217,8 @@ class BatchNormFlow(_PerChannel):
 
     **For density models only.** Sampling can only use the running averages, so in
     training mode it is not the inverse of scoring: a flow that samples then scores (a
-    guide, a variational posterior) would get a wrong :math:`\log q` (measured: -7.12
-    against the true -6.67). Sampling in training mode therefore raises ``ValueError``;
+    guide, a variational posterior) would get a wrong :math:`\log q` (issue 7 reported
+    -7.12 against the true -6.67). Sampling in training mode therefore raises ``ValueError``;
     call ``.eval()`` before sampling, and use :class:`ActNorm` in guides. In training mode
     the log-det of a scored batch comes from the scoring pass itself, so the layer is
     cached (``cache_size=1``) by default. Cost: one element-wise affine map either way.
