@@ -198,7 +198,8 @@ class FlowTransform(Transform):
             # inside a compiled function: the pair is remembered for the length of the
             # trace only (no weak references or version counters, which do not trace);
             # log_abs_det_jacobian takes it back out, so nothing outlives the call
-            self._traced = (inp, out, ladj, forward)
+            self._traced: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = (
+                inp, out, ladj, forward)
             return
         if inp.is_inference() or out.is_inference():
             return
