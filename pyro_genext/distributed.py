@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,24 +110,6 @@ def teardown() -> None:
 def shard(batch: torch.Tensor, ctx: Context) -> torch.Tensor:
     """This rank's interleaved share of a global batch of indices or examples."""
     return batch[ctx.rank :: ctx.world_size] if ctx.distributed else batch
-
-
-def broadcast_object(obj: Any, ctx: Context) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_objects(obj: Any, ctx: Context) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on every rank."""
-    if not ctx.distributed:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def barrier(ctx: Context) -> None:

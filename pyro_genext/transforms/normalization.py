@@ -8,7 +8,6 @@ roughly zero mean and unit variance.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -118,10 +117,10 @@ class ActNorm(_PerChannel):
     def _ladj(self, x: torch.Tensor) -> torch.Tensor:
         return (self.log_scale.sum() * self._spatial).expand(self._batch(x))
 
-    def _start(self, data: Callable[[], torch.Tensor]) -> None:
-        if self._pending:
-            self._pending = False
-            self.initialize(data())
+    def _start(self, y: torch.Tensor) -> None:
+        """The start-up :func:`initialize` asked for, on this layer's scoring input."""
+        self._pending = False
+        self.initialize(y)
 
     @staticmethod
     def _map(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -131,7 +130,8 @@ class ActNorm(_PerChannel):
         return self._map(x, self.log_scale, self.bias, False), self._ladj(x)
 
     def _inverse_and_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._start(lambda: y)
+        if self._pending:
+            self._start(y)
         return self._map(y, self.log_scale, self.bias, True), self._ladj(y)
 
     # A Chain runs consecutive couplings on the two halves of a split input (see
@@ -145,8 +145,8 @@ class ActNorm(_PerChannel):
         """The map on an input already split into ``lo`` and ``hi`` along the first
         parameter axis (features, or channels for images); same result as on the whole."""
         axis = -len(self.event_shape)
-        if inverse:
-            self._start(lambda: torch.cat([lo, hi], dim=axis))
+        if inverse and self._pending:
+            self._start(torch.cat([lo, hi], dim=axis))
         sizes = (lo.shape[axis], hi.shape[axis])
         s_lo, s_hi = self.log_scale.split(sizes)
         b_lo, b_hi = self.bias.split(sizes)
