@@ -229,7 +229,8 @@ def positive_float(text: str) -> float:
     return v
 
 
-def _nonneg_float(text: str) -> float:
+def nonneg_float(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
     try:
         v = float(text)
     except ValueError:
@@ -266,7 +267,7 @@ def _common_arguments(p: argparse.ArgumentParser, kind: ModelKind) -> None:
                    help="folder holding the data files (default: the standard places)")
     p.add_argument("--checkpoint-every", type=positive_int, default=500,
                    help="steps between checkpoints (also at every validation)")
-    p.add_argument("--log-interval", type=_nonneg_float, default=30.0,
+    p.add_argument("--log-interval", type=nonneg_float, default=30.0,
                    help="seconds between validation log lines (0: every validation)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help=f"CPU threads for torch (default: {kind.default_threads}, the fastest "

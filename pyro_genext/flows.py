@@ -27,6 +27,7 @@ from torch import nn
 from .transforms.base import Bijector, FlowTransform
 from .transforms.chain import Chain, MultiScale
 from .transforms.coupling import ConditionalMaskedCoupling, MaskedCoupling
+from .transforms.elementwise import Bound
 from .transforms.masks import alternating_mask, channel_mask, checkerboard_mask, half_mask
 from .transforms.normalization import ActNorm, BatchNormFlow
 from .transforms.scaling import DiagonalScaling
@@ -135,7 +136,8 @@ def _image_realnvp(
     hidden_channels: int,
     num_blocks: int,
     norm: str | None,
-    scale_bound: float | None,
+    scale_bound: Bound,
+    input_bound: float | None,
 ) -> Bijector:
     if len(shape) != 3 or any(int(s) < 1 for s in shape):
         raise ValueError(f"expected an input shape (C, H, W), got {tuple(shape)}")
@@ -143,7 +145,8 @@ def _image_realnvp(
     if shape[1] * shape[2] < 2:
         raise ValueError(f"expected H * W >= 2, got {shape}")
     scales = _num_scales(shape, num_scales)
-    kw = dict(hidden_channels=hidden_channels, num_blocks=num_blocks, scale_bound=scale_bound)
+    kw = dict(hidden_channels=hidden_channels, num_blocks=num_blocks, scale_bound=scale_bound,
+              input_bound=input_bound)
 
     def stack(s: tuple[int, int, int], n: int, mask_fn: Callable[..., torch.Tensor]) -> Chain:
         parts: list[FlowTransform] = []
@@ -166,16 +169,21 @@ def _image_realnvp(
     return build(shape, scales).with_cache(1)
 
 
+#: the default ``input_bound`` of the image recipe's couplings (see :func:`realnvp`)
+IMAGE_INPUT_BOUND = 4.0
+
+
 def realnvp(
     input_shape: int | Sequence[int],
     num_layers: int = 6,
     hidden_dims: Sequence[int] = (256, 256),
     mask: str = "half",
     norm: str | None = "default",
-    scale_bound: float | None = 2.0,
+    scale_bound: Bound = 2.0,
     num_scales: int | None = None,
     hidden_channels: int = 64,
     num_blocks: int = 2,
+    input_bound: float | str | None = "default",
 ) -> Bijector:
     r"""RealNVP.
 
@@ -222,14 +230,17 @@ def realnvp(
             num_blocks,
             "actnorm" if norm == "default" else norm,
             scale_bound,
+            IMAGE_INPUT_BOUND if input_bound == "default" else input_bound,  # type: ignore[arg-type]
         )
     if isinstance(input_shape, (tuple, list, torch.Size)) and len(input_shape) not in (1, 3):
         raise ValueError(f"expected input_shape D, (D,) or (C, H, W), got {tuple(input_shape)}")
     d = _vector_dim(input_shape)
+    vector_input_bound = None if input_bound == "default" else input_bound
     parts = _vector_parts(
         d, num_layers, mask,
         lambda m: MaskedCoupling(
-            m, elementwise="affine", hidden_dims=hidden_dims, scale_bound=scale_bound
+            m, elementwise="affine", hidden_dims=hidden_dims, scale_bound=scale_bound,
+            input_bound=vector_input_bound,  # type: ignore[arg-type]
         ),
         "actnorm" if norm == "default" else norm,
     )

@@ -37,6 +37,7 @@ from .engine import (
 from .kinds import flows as _flows
 from .metrics import bits_per_dim
 from .models import FlowDensity
+from .transforms.elementwise import check_bound
 
 __all__ = [
     "MODELS",
@@ -72,7 +73,8 @@ class TrainConfig:
     clip_norm: float = 10.0
     checkpoint_every: int = 500
     base: str | None = None
-    scale_bound: float = 2.0
+    scale_bound: float | tuple[float, float] = 2.0
+    input_bound: float | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the expected values, before any work."""
@@ -86,8 +88,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"expected {name} >= 1, got {v}")
-        if not (self.scale_bound > 0 and math.isfinite(self.scale_bound)):
-            raise ValueError(f"expected scale-bound > 0, got {self.scale_bound}")
+        self.scale_bound = check_bound(self.scale_bound, "scale-bound")  # type: ignore[assignment]
+        if self.scale_bound is None:
+            raise ValueError("expected scale-bound > 0 or a pair (low, high), got None")
         if self.base not in (None, "normal", "logistic"):
             raise ValueError(f"expected base 'normal' or 'logistic', got {self.base!r}")
         _check_settings({**default_settings(self.model), **self.settings()})

@@ -193,6 +193,56 @@ def test_scale_bound_reaches_every_coupling(tmp_path):
     assert cfg.scale_bound == 1.5 and bounds == {1.5}
 
 
+def _couplings(out):
+    from pyro_genext.engine import load_checkpoint, module_from_checkpoint
+    from pyro_genext.transforms import MaskedCoupling
+
+    state = load_checkpoint(out / "last.pt")
+    module = module_from_checkpoint(state)[0]
+    return state, [m for m in module.modules() if isinstance(m, MaskedCoupling)]
+
+
+IMAGE = ["--hidden", "4", "--num-blocks", "1", "--batch-size", "100", "--quiet"]
+
+
+@pytest.mark.parametrize("flags,scale,inp", [
+    ([], 2.0, 4.0),  # images: the conditioners' inputs bounded by default
+    (["--input-bound", "0"], 2.0, None),
+    (["--input-bound", "2.5", "--scale-bound=-1,2"], (-1.0, 2.0), 2.5),
+])
+def test_bounds_reach_every_image_coupling(tmp_path, flags, scale, inp):
+    out = tmp_path / "r"
+    assert main(["train", "realnvp", "--data", "digits", "--steps", "0", "--out", str(out),
+                 *IMAGE, *flags]) == 0
+    _, couplings = _couplings(out)
+    assert couplings and {(m.scale_bound, m.input_bound) for m in couplings} == {(scale, inp)}
+
+
+def test_checkpoint_without_input_bound_rebuilds_without_it(tmp_path, capsys):
+    """Runs saved before the setting existed were trained without the bound; they are
+    evaluated as they were trained."""
+    from pyro_genext.engine import save_checkpoint
+
+    out = tmp_path / "r"
+    assert main(["train", "realnvp", "--data", "digits", "--steps", "0", "--out", str(out),
+                 *IMAGE]) == 0
+    state, _ = _couplings(out)
+    del state["settings"]["input_bound"]
+    save_checkpoint(out / "last.pt", state)
+    _, couplings = _couplings(out)
+    assert {m.input_bound for m in couplings} == {None}
+    assert main(["evaluate", str(out / "last.pt"), "--json"]) == 0
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("0", "got '0'"), ("1,-2", "got '1,-2'"), ("a", "got 'a'"), ("-1,2,3", "got '-1,2,3'"),
+])
+def test_bad_scale_bound_exits_2(value, needle, capsys):
+    assert main(["train", "realnvp", "--data", "digits", f"--scale-bound={value}"]) == 2
+    err = capsys.readouterr().err
+    assert "expected a number B > 0 or a pair LOW,HIGH with LOW < 0 < HIGH" in err and needle in err
+
+
 # ------------------------------------------------ what a new user hit (issue 8), one test each
 def _train(out, *extra, model="nice", data="moons"):
     return ["train", model, "--data", data, "--out", str(out), *SMALL, *extra]

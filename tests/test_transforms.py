@@ -38,6 +38,10 @@ REGISTRY = [
     ("realnvp_half_flipped", partial(RealNVPCoupling, half_mask(12, 1), **SMALL)),
     ("realnvp_alternating", partial(RealNVPCoupling, alternating_mask(6, 1), **SMALL)),
     ("realnvp_unbounded", partial(RealNVPCoupling, half_mask(4), scale_bound=None, **SMALL)),
+    ("realnvp_checkerboard_input_bound",
+     partial(RealNVPCoupling, checkerboard_mask((1, 8, 8)), input_bound=1.5, **CONV)),
+    ("realnvp_asymmetric_bound",
+     partial(RealNVPCoupling, half_mask(4), scale_bound=(-1.0, 2.0), **SMALL)),
     ("realnvp_checkerboard_1x8x8", partial(RealNVPCoupling, checkerboard_mask((1, 8, 8)), **CONV)),
     ("realnvp_checkerboard_2x8x8", partial(RealNVPCoupling, checkerboard_mask((2, 8, 8), 1), **CONV)),
     ("realnvp_channel_2x8x8", partial(RealNVPCoupling, channel_mask((2, 8, 8)), **CONV)),
@@ -238,6 +242,81 @@ def test_scale_bound_limits_each_layer():
     x = torch.randn(4, 2)
     ladj = t.log_abs_det_jacobian(x, t(x))
     assert (ladj <= 2.0).all() and (ladj > 1.99).all()
+
+
+@pytest.mark.parametrize("raw,expected", [(100.0, 2.0), (-100.0, -1.0)])
+def test_asymmetric_scale_bound_limits_each_side(raw, expected):
+    """With ``(low, high)`` the log-scale saturates at ``high`` above and at ``low`` below:
+    scoring (data -> base) multiplies a coordinate by at most ``e^{-low}``."""
+    t = RealNVPCoupling(half_mask(8), scale_bound=(-1.0, 2.0), **SMALL).to(torch.float64)
+    with torch.no_grad():
+        t.conditioner.net[-1].bias.fill_(raw)
+    y = torch.randn(4, 8, dtype=torch.float64)
+    x = t.inv(y)
+    per_element = (x[:, 4:] - t.inv(torch.zeros_like(y))[:, 4:]) / y[:, 4:]  # exp(-s)
+    assert torch.allclose(per_element.log(), torch.full_like(per_element, -expected), atol=1e-9)
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert torch.allclose(ladj, torch.full_like(ladj, 4 * expected), atol=1e-9)
+
+
+@pytest.mark.parametrize("mask", [half_mask(6), checkerboard_mask((2, 4, 4)), channel_mask((2, 4, 4))],
+                         ids=["slice", "mask", "channels"])
+def test_input_bound_is_what_the_conditioner_sees(mask):
+    """The conditioner gets ``c tanh(x_A / c)``: a far-out input cannot make it
+    extrapolate, however large it is; without the bound it sees ``x_A`` itself."""
+    from pyro_genext.transforms.elementwise import soft_clamp
+
+    kw = SMALL if mask.dim() == 1 else CONV
+    seen = []
+    for bound in (3.0, None):
+        t = RealNVPCoupling(mask, input_bound=bound, **kw).to(torch.float64)
+        t.conditioner.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        x = 50 * torch.randn((4,) + tuple(mask.shape), dtype=torch.float64)
+        y = t(x)
+        assert torch.allclose(t.inv(y), x, atol=1e-8)
+        xa = x * t.mask if t.mode == "mask" else t._split(x)[0]
+        got = seen[0]  # the forward call (the inverse one follows)
+        seen.clear()
+        expected = soft_clamp(xa, bound) if bound is not None else xa
+        assert torch.allclose(got, expected)
+        if bound is not None:
+            assert got.abs().max() <= bound
+        else:
+            assert got.abs().max() > 10
+
+
+def test_image_recipe_bounds_conditioner_inputs_by_default():
+    from pyro_genext.flows import IMAGE_INPUT_BOUND
+
+    image = {m.input_bound for m in pg.realnvp((1, 8, 8), **CONV).modules()
+             if isinstance(m, RealNVPCoupling) or hasattr(m, "input_bound")}
+    vector = {m.input_bound for m in pg.realnvp(6, **SMALL).modules() if hasattr(m, "input_bound")}
+    off = {m.input_bound for m in pg.realnvp((1, 8, 8), input_bound=None, **CONV).modules()
+           if hasattr(m, "input_bound")}
+    assert image == {IMAGE_INPUT_BOUND} and vector == {None} and off == {None}
+    with pytest.raises(ValueError, match="expected input_bound"):
+        pg.realnvp((1, 8, 8), input_bound=-1.0, **CONV)
+
+
+def test_soft_clamp_asymmetric_is_each_sides_tanh():
+    from pyro_genext.transforms.elementwise import soft_clamp
+
+    s = torch.linspace(-8, 8, 401, dtype=torch.float64, requires_grad=True)
+    out = soft_clamp(s, (-1.0, 2.0))
+    ref = torch.where(s >= 0, 2.0 * torch.tanh(s / 2.0), 1.0 * torch.tanh(s / 1.0))
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert out.min() > -1.0 and out.max() < 2.0
+    (slope,) = torch.autograd.grad(out.sum(), s)
+    at_zero = slope[200]
+    assert torch.isclose(at_zero, torch.tensor(1.0, dtype=torch.float64))  # identity near 0
+    assert torch.allclose(soft_clamp(s, 2.0), soft_clamp(s, (-2.0, 2.0)), atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), (1.0, 2.0), (-1.0, 0.0), (-1.0,),
+                                 "2", True])
+def test_scale_bound_refused_before_building(bad):
+    with pytest.raises(ValueError, match="expected scale_bound"):
+        RealNVPCoupling(half_mask(4), scale_bound=bad, **SMALL)
 
 
 # ---------------------------------------------------------------- training

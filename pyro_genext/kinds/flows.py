@@ -30,11 +30,12 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ..data import Dataset
-from ..engine import ModelKind, positive_float, positive_int, register
-from ..flows import nice, realnvp
+from ..engine import ModelKind, nonneg_float, positive_int, register
+from ..flows import IMAGE_INPUT_BOUND, nice, realnvp
 from ..metrics import bits_per_dim
 from ..models import FlowDensity
 from ..transforms import Bijector
+from ..transforms.elementwise import check_bound
 
 __all__ = ["build_density", "NICE", "REALNVP"]
 
@@ -47,6 +48,20 @@ def _add_nice(p: argparse.ArgumentParser) -> None:
                    help="the base density (default: logistic for images, as NICE; normal otherwise)")
 
 
+def scale_bound_arg(text: str) -> float | tuple[float, float]:
+    """An argparse type: ``B`` (log-scales in ``(-B, B)``) or ``LOW,HIGH`` (in
+    ``(LOW, HIGH)``, ``LOW < 0 < HIGH``; on the command line ``--scale-bound=-1,2``, with
+    the ``=``, since a value starting with ``-`` would read as a flag)."""
+    expected = "a number B > 0 or a pair LOW,HIGH with LOW < 0 < HIGH"
+    try:
+        values = [float(v) for v in text.split(",")]
+        bound = check_bound(values[0] if len(values) == 1 else tuple(values))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    assert bound is not None
+    return bound
+
+
 def _add_realnvp(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=positive_int, default=8,
                    help="affine couplings of a vector flow (images: the multi-scale architecture)")
@@ -55,10 +70,26 @@ def _add_realnvp(p: argparse.ArgumentParser) -> None:
                         "channels for images)")
     p.add_argument("--num-blocks", type=positive_int, default=2,
                    help="ResNet blocks per conditioner (images)")
-    p.add_argument("--scale-bound", type=positive_float, default=2.0,
-                   help="bound of each coupling's log-scale")
+    p.add_argument("--scale-bound", type=scale_bound_arg, default=2.0,
+                   help="bound B of each coupling's log-scale, in (-B, B); or LOW,HIGH for "
+                        "(LOW, HIGH), written --scale-bound=-1,2")
+    p.add_argument("--input-bound", type=nonneg_float, default=None,
+                   help="each conditioner sees C tanh(x / C) of its input; 0 turns it off "
+                        f"(default: {IMAGE_INPUT_BOUND:g} for images, off for vectors)")
     p.add_argument("--base", choices=("normal", "logistic"), default="normal",
                    help="the base density")
+
+
+def _input_bound(s: dict[str, Any]) -> float | str | None:
+    """The ``input_bound`` of :func:`~pyro_genext.realnvp` a run's settings ask for: the
+    recipe's default where the setting is ``None``, off where it is 0, and off for
+    settings without it (checkpoints from before it existed were trained without it)."""
+    if "input_bound" not in s:
+        return None
+    value = s["input_bound"]
+    if value is None:
+        return "default"
+    return float(value) or None
 
 
 def build_density(model: str, s: dict[str, Any], data: Dataset) -> FlowDensity:
@@ -75,13 +106,14 @@ def build_density(model: str, s: dict[str, Any], data: Dataset) -> FlowDensity:
         base = s.get("base") or ("logistic" if data.levels else "normal")
     elif len(shape) == 3:
         flow = realnvp(shape, hidden_channels=s.get("hidden") or 64,
-                       num_blocks=s.get("num_blocks") or 2, scale_bound=s.get("scale_bound", 2.0))
+                       num_blocks=s.get("num_blocks") or 2, scale_bound=s.get("scale_bound", 2.0),
+                       input_bound=_input_bound(s))
         event_shape = shape
         base = s.get("base") or "normal"
     else:
         flow = realnvp(flat, num_layers=s.get("num_layers") or 8,
                        hidden_dims=(s.get("hidden") or 256,) * 2,
-                       scale_bound=s.get("scale_bound", 2.0))
+                       scale_bound=s.get("scale_bound", 2.0), input_bound=_input_bound(s))
         event_shape = flat
         base = s.get("base") or "normal"
     return FlowDensity(flow, event_shape=event_shape, levels=data.levels, base=base)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..nn import MLP, ConvResNet
 from .base import Bijector, FlowTransform, sum_rightmost
-from .elementwise import MAPS, NUM_PARAMS
+from .elementwise import MAPS, NUM_PARAMS, Bound, check_bound, soft_clamp
 
 __all__ = [
     "MaskedCoupling",
@@ -104,12 +104,13 @@ class MaskedCoupling(Bijector):
         mask: torch.Tensor,
         conditioner: nn.Module | None = None,
         elementwise: str = "affine",
-        scale_bound: float | None = 2.0,
+        scale_bound: Bound = 2.0,
         context_dim: int = 0,
         hidden_dims: Sequence[int] = (256, 256),
         hidden_channels: int = 64,
         num_blocks: int = 2,
         cache_size: int = 0,
+        input_bound: float | None = None,
     ) -> None:
         mask = torch.as_tensor(mask, dtype=torch.get_default_dtype())
         if mask.dim() not in (1, 3):
@@ -122,11 +123,15 @@ class MaskedCoupling(Bijector):
             raise ValueError("expected a mask with both 0s (transformed) and 1s (conditioning)")
         if elementwise not in MAPS:
             raise ValueError(f"expected elementwise in {sorted(MAPS)}, got {elementwise!r}")
-        if scale_bound is not None and not scale_bound > 0:
-            raise ValueError(f"expected scale_bound > 0 or None, got {scale_bound}")
+        scale_bound = check_bound(scale_bound)
         super().__init__(tuple(mask.shape), cache_size=cache_size)
         self.elementwise = elementwise
         self.scale_bound = scale_bound
+        if input_bound is not None:
+            input_bound = check_bound(input_bound, "input_bound")
+            if isinstance(input_bound, tuple):
+                raise ValueError(f"expected input_bound > 0 or None, got {input_bound!r}")
+        self.input_bound = input_bound
         self.context_dim = int(context_dim)
         self.num_params = NUM_PARAMS[elementwise]
         self.register_buffer("mask", mask)
@@ -196,6 +201,8 @@ class MaskedCoupling(Bijector):
         return torch.cat([xa, yb], dim=self._axis).index_select(self._axis, self.perm)
 
     def _params(self, h: torch.Tensor, context: torch.Tensor | None, nout: int) -> Any:
+        if self.input_bound is not None:  # the conditioner sees c tanh(x_A / c)
+            h = soft_clamp(h, self.input_bound)
         out = self.conditioner(h) if context is None else self.conditioner(h, context)
         # under autocast the network computes in bf16/fp16; the element-wise map and its
         # log-det run in the data's precision (a no-op otherwise)
@@ -252,6 +259,7 @@ class MaskedCoupling(Bijector):
         return (
             f"event_shape={self.event_shape}, elementwise={self.elementwise!r}, "
             f"mode={self.mode!r}, scale_bound={self.scale_bound}"
+            + (f", input_bound={self.input_bound}" if self.input_bound is not None else "")
         )
 
 

@@ -1,0 +1,202 @@
+"""Outlier images early in training: the worst validation image, step by step.
+
+Trains a RealNVP through the training engine's own pieces (the kind's ``build``,
+``prepare`` and ``initialize``, :class:`~pyro_genext.engine.Objective`, Adam with the
+engine's per-tensor clipping, the engine's batch order) and validates on the first
+``--val`` validation images after every one of the first ``--dense`` steps, then every
+``--every`` steps and at the last. Per log-scale bound and seed it prints
+
+* the worst image over the whole run (bits/dim) and the step it was seen at, beside the
+  median image at that step,
+* the worst image after step ``--dense``,
+* the largest training-batch loss of any step (bits/dim of the batch mean),
+* the validation mean, median and worst at the last step, and the test bits/dim there
+  (the whole test split, with ``--test``).
+
+A bound is ``b`` (the log-scale in ``(-b, b)``) or ``low,high`` (in ``(low, high)``; the
+scoring direction multiplies by at most ``e^{-low}``).
+
+Usage::
+
+    PYTHONPATH=. .venv/bin/python benchmarks/outliers.py --quick
+    PYTHONPATH=. .venv/bin/python benchmarks/outliers.py --data fashion-mnist \\
+        --hidden 32 --num-blocks 1 --steps 300 --seeds 0,1,2 --bounds 2 -1,2 --test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+import pyro  # noqa: E402
+
+from pyro_genext.checks import data_checks  # noqa: E402
+from pyro_genext.data import load_dataset  # noqa: E402
+from pyro_genext.engine import (  # noqa: E402
+    Objective,
+    clip_per_tensor,
+    default_settings,
+    get_kind,
+    per_example_metrics,
+)
+
+
+def parse_bound(text: str) -> float | tuple[float, float]:
+    parts = [float(v) for v in text.split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"expected a bound b or low,high, got {text!r}")
+
+
+def run(data: str, variant: tuple[Any, float], seed: int, args: argparse.Namespace,
+        tr: Any, va: Any, te: Any) -> dict[str, Any]:
+    bound, input_bound = variant
+    k = get_kind("realnvp")
+    s = {**default_settings(k), "data": data, "seed": seed, "scale_bound": bound,
+         "input_bound": input_bound,
+         "hidden": args.hidden, "num_blocks": args.num_blocks, "batch_size": args.batch,
+         "lr": args.lr}
+    pyro.set_rng_seed(seed)
+    pyro.clear_param_store()
+    module: Any = k.build(s, tr)
+    objective = Objective(module, k.loss(s))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=args.lr)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(tr)
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    xv = va.x[: args.val]
+    d = math.prod(module.event_shape) * math.log(2)
+    module.train()
+    with torch.no_grad():
+        x0 = k.prepare(module, tr.x[perm[: args.batch]], torch.Generator().manual_seed(seed))
+    k.initialize(module, x0)
+    history: list[dict[str, float]] = []
+    worst_train = -math.inf
+    start = time.perf_counter()
+
+    def validate(step: int) -> None:
+        v = per_example_metrics(k, module, xv, seed, "val")["bpd"].double()
+        history.append({"step": step, "mean": float(v.mean()), "median": float(v.median()),
+                        "worst": float(v.max())})
+
+    validate(0)
+    with data_checks(False):
+        for step in range(1, args.steps + 1):
+            if pos + args.batch > n:
+                perm, pos = torch.randperm(n, generator=gen), 0
+            xb = k.prepare(module, tr.x[perm[pos : pos + args.batch]], gen)
+            pos += args.batch
+            loss = objective(xb)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                history.append({"step": step, "mean": math.nan, "median": math.nan,
+                                "worst": math.nan})
+                break
+            worst_train = max(worst_train, value / d)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            clip_per_tensor(params, 10.0)
+            opt.step()
+            if step <= args.dense or step % args.every == 0 or step == args.steps:
+                validate(step)
+    wall = time.perf_counter() - start
+    peak = max(history, key=lambda h: h["worst"] if math.isfinite(h["worst"]) else math.inf)
+    late = [h["worst"] for h in history if h["step"] > args.dense]
+    out = {"variant": variant, "seed": seed, "worst": peak["worst"], "worst_step": peak["step"],
+           "median_then": peak["median"], "worst_late": max(late) if late else math.nan,
+           "worst_train": worst_train, "final": history[-1], "wall_s": wall,
+           "history": history}
+    if te is not None:
+        t = per_example_metrics(k, module, te.x, seed, "test")["bpd"].double()
+        out["test"] = {"mean": float(t.mean()), "median": float(t.median()),
+                       "worst": float(t.max())}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--bounds", nargs="+", type=parse_bound, default=[2.0, (-1.0, 2.0)])
+    p.add_argument("--input-bounds", nargs="+", type=float, default=[0.0],
+                   help="conditioner input bounds (0: off)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--dense", type=int, default=20, help="validate after each of these steps")
+    p.add_argument("--every", type=int, default=25, help="then validate every this many steps")
+    p.add_argument("--val", type=int, default=1000, help="validation images")
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--num-blocks", type=int, default=1)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--test", action="store_true", help="score the test split at the end")
+    p.add_argument("--quick", action="store_true", help="digits, 30 steps: a smoke test")
+    p.add_argument("--json", help="write every run's history to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.data, args.steps, args.dense, args.every, args.val = "digits", 30, 5, 10, 200
+    torch.set_num_threads(args.threads)
+    seeds = [int(v) for v in args.seeds.split(",")]
+    print(f"# {args.data}, realnvp hidden {args.hidden} blocks {args.num_blocks}, batch "
+          f"{args.batch}, lr {args.lr}, {args.steps} steps, first {args.val} val images, "
+          f"{args.threads} thread(s), torch {torch.__version__}")
+    variants = [(b, ib) for b in args.bounds for ib in args.input_bounds]
+
+    def name(variant: tuple[Any, float]) -> str:
+        b, ib = variant
+        return f"scale {b}, input {ib:g}" if ib else f"scale {b}, input off"
+
+    rows = []
+    for seed in seeds:
+        tr = load_dataset(args.data, "train", seed=seed)
+        va = load_dataset(args.data, "val", seed=seed)
+        te = load_dataset(args.data, "test", seed=seed) if args.test else None
+        for variant in variants:
+            r = run(args.data, variant, seed, args, tr, va, te)
+            rows.append(r)
+            f = r["final"]
+            test = f" test {r['test']['mean']:.4f}" if "test" in r else ""
+            print(f"{name(variant):>28} seed {seed}: worst {r['worst']:.1f} at step "
+                  f"{r['worst_step']} (median {r['median_then']:.2f}), after step "
+                  f"{args.dense} {r['worst_late']:.2f}, worst batch {r['worst_train']:.1f}; "
+                  f"final val {f['mean']:.4f}/{f['median']:.4f}/{f['worst']:.2f}{test} "
+                  f"({r['wall_s']:.0f} s)", flush=True)
+    print()
+    print("| variant | seeds | worst image (max over seeds) | worst after step "
+          f"{args.dense} | worst batch | final val mean (sd) | final val worst | test mean (sd) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for variant in variants:
+        rs = [r for r in rows if r["variant"] == variant]
+
+        def ms(values: list[float]) -> str:
+            if len(values) < 2:
+                return f"{values[0]:.4f}"
+            return f"{statistics.mean(values):.4f} ({statistics.stdev(values):.4f})"
+
+        test = ms([r["test"]["mean"] for r in rs]) if all("test" in r for r in rs) else "-"
+        print(f"| {name(variant)} | {len(rs)} | {max(r['worst'] for r in rs):.1f} | "
+              f"{max(r['worst_late'] for r in rs):.2f} | {max(r['worst_train'] for r in rs):.1f} | "
+              f"{ms([r['final']['mean'] for r in rs])} | "
+              f"{max(r['final']['worst'] for r in rs):.2f} | {test} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
