@@ -206,7 +206,7 @@ IMAGE = ["--hidden", "4", "--num-blocks", "1", "--batch-size", "100", "--quiet"]
 
 
 @pytest.mark.parametrize("flags,scale,inp", [
-    ([], 2.0, 4.0),  # images: the conditioners' inputs bounded by default
+    ([], 2.0, 8.0),  # images: the conditioners' inputs bounded by default
     (["--input-bound", "0"], 2.0, None),
     (["--input-bound", "2.5", "--scale-bound=-1,2"], (-1.0, 2.0), 2.5),
 ])

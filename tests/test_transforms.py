@@ -262,9 +262,9 @@ def test_asymmetric_scale_bound_limits_each_side(raw, expected):
 @pytest.mark.parametrize("mask", [half_mask(6), checkerboard_mask((2, 4, 4)), channel_mask((2, 4, 4))],
                          ids=["slice", "mask", "channels"])
 def test_input_bound_is_what_the_conditioner_sees(mask):
-    """The conditioner gets ``c tanh(x_A / c)``: a far-out input cannot make it
-    extrapolate, however large it is; without the bound it sees ``x_A`` itself."""
-    from pyro_genext.transforms.elementwise import soft_clamp
+    """The conditioner gets ``x_A`` softly clipped to ``c``: a far-out input cannot make
+    it extrapolate, however large it is; without the bound it sees ``x_A`` itself."""
+    from pyro_genext.transforms.elementwise import soft_clip
 
     kw = SMALL if mask.dim() == 1 else CONV
     seen = []
@@ -277,12 +277,25 @@ def test_input_bound_is_what_the_conditioner_sees(mask):
         xa = x * t.mask if t.mode == "mask" else t._split(x)[0]
         got = seen[0]  # the forward call (the inverse one follows)
         seen.clear()
-        expected = soft_clamp(xa, bound) if bound is not None else xa
+        expected = soft_clip(xa, bound) if bound is not None else xa
         assert torch.allclose(got, expected)
         if bound is not None:
             assert got.abs().max() <= bound
         else:
             assert got.abs().max() > 10
+
+
+def test_soft_clip_is_the_identity_inside_its_knee_and_bounded_outside():
+    from pyro_genext.transforms.elementwise import KNEE, soft_clip
+
+    x = torch.linspace(-50, 50, 20001, dtype=torch.float64, requires_grad=True)
+    y = soft_clip(x, 4.0)
+    inside = x.abs() <= KNEE * 4.0
+    assert torch.equal(y[inside], x[inside])  # typical values pass unchanged
+    assert y.abs().max() <= 4.0 and (y.abs()[x.abs() > 10] > 3.99).all()
+    (slope,) = torch.autograd.grad(y.sum(), x)
+    assert (slope >= 0).all() and (slope <= 1).all()  # monotone, never steeper than x
+    assert (slope[1:] - slope[:-1]).abs().max() < 1e-2  # no kink at the knee
 
 
 def test_image_recipe_bounds_conditioner_inputs_by_default():

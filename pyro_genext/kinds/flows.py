@@ -74,7 +74,8 @@ def _add_realnvp(p: argparse.ArgumentParser) -> None:
                    help="bound B of each coupling's log-scale, in (-B, B); or LOW,HIGH for "
                         "(LOW, HIGH), written --scale-bound=-1,2")
     p.add_argument("--input-bound", type=nonneg_float, default=None,
-                   help="each conditioner sees C tanh(x / C) of its input; 0 turns it off "
+                   help="each conditioner sees its input softly clipped to +-C (unchanged up "
+                        "to +-0.75 C); 0 turns it off "
                         f"(default: {IMAGE_INPUT_BOUND:g} for images, off for vectors)")
     p.add_argument("--base", choices=("normal", "logistic"), default="normal",
                    help="the base density")
