@@ -142,11 +142,10 @@ class MaskedCoupling(Bijector):
         super().__init__(tuple(mask.shape), cache_size=cache_size)
         self.elementwise = elementwise
         self.scale_bound = scale_bound
-        if input_bound is not None:
-            input_bound = check_bound(input_bound, "input_bound")
-            if isinstance(input_bound, tuple):
-                raise ValueError(f"expected input_bound > 0 or None, got {input_bound!r}")
-        self.input_bound = input_bound
+        checked = None if input_bound is None else check_bound(input_bound, "input_bound")
+        if isinstance(checked, tuple):
+            raise ValueError(f"expected input_bound > 0 or None, got {input_bound!r}")
+        self.input_bound: float | None = checked
         self.context_dim = int(context_dim)
         self.num_params = NUM_PARAMS[elementwise]
         self.register_buffer("mask", mask)
