@@ -112,6 +112,9 @@ def run(data: str, variant: tuple[Any, float], seed: int, args: argparse.Namespa
             opt.zero_grad(set_to_none=True)
             loss.backward()
             clip_per_tensor(params, 10.0)
+            if args.warmup:  # as the engine's --warmup
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * min(1.0, step / args.warmup)
             opt.step()
             if step <= args.dense or step % args.every == 0 or step == args.steps:
                 validate(step)
@@ -144,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-blocks", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0, help="learning-rate warm-up steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--test", action="store_true", help="score the test split at the end")
     p.add_argument("--quick", action="store_true", help="digits, 30 steps: a smoke test")
@@ -154,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     seeds = [int(v) for v in args.seeds.split(",")]
     print(f"# {args.data}, realnvp hidden {args.hidden} blocks {args.num_blocks}, batch "
-          f"{args.batch}, lr {args.lr}, {args.steps} steps, first {args.val} val images, "
-          f"{args.threads} thread(s), torch {torch.__version__}")
+          f"{args.batch}, lr {args.lr}, warm-up {args.warmup}, {args.steps} steps, first "
+          f"{args.val} val images, {args.threads} thread(s), torch {torch.__version__}")
     variants = [(b, ib) for b in args.bounds for ib in args.input_bounds]
 
     def name(variant: tuple[Any, float]) -> str:

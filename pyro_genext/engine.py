@@ -142,7 +142,8 @@ class ModelKind:
     ``pyro-genext evaluate``), ``sample(module, data, args)`` (writes pictures, returns
     their paths), and optionally ``prepare``, ``initialize`` (data-dependent start-up on the
     first prepared training batch, before step 1, not on resume), ``add_evaluate_arguments``,
-    ``add_sample_arguments``, ``default_threads`` (CPU threads without ``--threads``) and
+    ``add_sample_arguments``, ``default_threads`` (CPU threads without ``--threads``),
+    ``default_warmup`` (learning-rate warm-up steps without ``--warmup``) and
     ``progress``. ``evaluate`` and ``sample`` get the checkpoint's data set (the split asked
     for, the test split for ``sample``) and the parsed flags, with ``args.kind`` and
     ``args.settings`` (the run's settings) added; the command line runs them without
@@ -172,6 +173,7 @@ class ModelKind:
     add_evaluate_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     add_sample_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     default_threads: int = 1
+    default_warmup: int = 0
     progress: Callable[[PyroModule, float], tuple[str, float]] | None = None
     check_data: Callable[[PyroModule, torch.Tensor], None] | None = None
 
@@ -254,6 +256,9 @@ def _common_arguments(p: argparse.ArgumentParser, kind: ModelKind) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64,
                    help="examples per step; at most the size of the training split")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--warmup", type=nonneg_int, default=kind.default_warmup,
+                   help="steps over which the learning rate rises linearly from lr/N to lr "
+                        "(0: none)")
     p.add_argument("--clip-norm", type=positive_float, default=10.0,
                    help="before each update, clip the gradient of EACH parameter tensor to this "
                         "norm (as Pyro's clip_args; not the total norm); the loss is per example")
@@ -711,6 +716,7 @@ def fit(
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=float(s["lr"]))
     clip = float(s["clip_norm"])
+    base_lr, warmup = float(s["lr"]), int(s.get("warmup") or 0)  # runs saved before: none
     x_train = tr.x.to(device)
     steps_per_epoch = n // batch
     total_steps = _budget(s, steps_per_epoch)
@@ -871,6 +877,9 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_per_tensor(params, clip)
+            if warmup:  # a function of the step alone, so --resume needs no state for it
+                for group in optimizer.param_groups:
+                    group["lr"] = base_lr * min(1.0, (step + 1) / warmup)
             optimizer.step()
             step += 1
             end_of_epoch = pos + batch > n

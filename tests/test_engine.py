@@ -186,3 +186,29 @@ def test_a_kinds_own_evaluate_and_sample_flags_reach_it(tmp_path, capsys):
         assert "unrecognized arguments: --num-samples 7" in capsys.readouterr().err
     finally:
         del engine.KINDS["gaussian-flags"]
+
+
+def test_warmup_raises_the_learning_rate_linearly_and_resumes_exactly(tmp_path, monkeypatch):
+    """``warmup`` N: the k-th update (k = 1, 2, ...) uses lr * min(1, k / N); a run resumed
+    inside the warm-up continues it exactly (the rate is a function of the step)."""
+    seen = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    settings = {"data": "moons", "num_layers": 2, "hidden": 8, "batch_size": 100, "lr": 0.01,
+                "warmup": 4}
+    whole = engine.fit("nice", {**settings, "steps": 6}, tmp_path / "a", progress=False,
+                       log=lambda line: None)
+    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    seen.clear()
+    engine.fit("nice", {**settings, "steps": 2}, tmp_path / "b", progress=False,
+               log=lambda line: None)
+    resumed = engine.fit("nice", {"steps": 6}, tmp_path / "b", resume=True, progress=False,
+                         log=lambda line: None)
+    assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
+    for key, value in whole["module"].state_dict().items():
+        assert torch.equal(value, resumed["module"].state_dict()[key]), key
