@@ -215,8 +215,7 @@ def realnvp(
     clipped smoothly to :math:`\pm c` beyond): by default ``IMAGE_INPUT_BOUND`` (8) for
     images, where without it an unusual image early in training scored 22077 bits/dim
     (docs/cli.rst, "Outlier images early in a run"), and off for vectors; ``None`` turns
-    it off. Sampling and scoring both cost one pass through
-    every conditioner.
+    it off. Sampling and scoring both cost one pass through every conditioner.
 
     Example::
 
