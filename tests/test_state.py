@@ -188,13 +188,145 @@ def test_entry_goes_when_the_output_is_dropped():
     flow = pg.realnvp(4, num_layers=2, **SMALL)
     x = torch.randn(3, 4, requires_grad=True)
     y = flow(x)
-    entry = flow.__dict__["_entry"]
-    assert entry is not None
+    assert len(flow.__dict__["_held"]) == 1
     probe = weakref.ref(x)
-    del x, y, entry
+    del x, y
     gc.collect()
-    assert flow.__dict__["_entry"] is None
+    assert not flow.__dict__["_held"]
     assert probe() is None  # the input (and the log-det's graph) are not kept alive
+
+
+# ---------------------------------------------------------------- 4b. what versions miss (issue 18)
+def _sampled(flow, n=3):
+    """A sample of ``flow``'s cache (its input requires a gradient, as in a guide)."""
+    x = torch.randn(n, flow.event_shape[0], requires_grad=True)
+    return x, flow(x)
+
+
+def _uncached_inv(flow, y):
+    return flow.with_cache(0).inv(y.detach().clone())
+
+
+@pytest.mark.parametrize("optimiser", ["ClippedAdam", "pyro.optim.ClippedAdam", "Adam"])
+def test_an_optimiser_step_invalidates_even_through_data(optimiser):
+    """Pyro's ClippedAdam updates ``p.data`` in place, which moves no version counter;
+    every optimiser step must still invalidate what was remembered before it."""
+    from pyro.optim import ClippedAdam as PyroClippedAdam
+    from pyro.optim.clipped_adam import ClippedAdam
+
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    params = list(flow.parameters())
+    x, y = _sampled(flow)
+    loss = (y ** 2).sum()
+    loss.backward()
+    if optimiser == "ClippedAdam":
+        ClippedAdam(params, lr=0.1).step()
+    elif optimiser == "Adam":
+        torch.optim.Adam(params, lr=0.1).step()
+    else:  # Pyro's wrapper, as SVI calls it: one torch optimiser per tensor
+        PyroClippedAdam({"lr": 0.1})(params)
+    assert flow.inv(y) is not x
+    assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
+    base = dist.Normal(torch.zeros(4), 1.0).to_event(1)
+    d = dist.TransformedDistribution(base, [flow])
+    assert torch.allclose(d.log_prob(y), d.log_prob(y.detach().clone()))
+
+
+def test_vector_to_parameters_invalidates():
+    """``vector_to_parameters`` gives each parameter new storage (``p.data = ...``):
+    identity and version stay, the storage address does not."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    x, y = _sampled(flow)
+    vec = torch.nn.utils.parameters_to_vector(flow.parameters()).detach()
+    torch.nn.utils.vector_to_parameters(vec + 0.1 * torch.randn_like(vec), flow.parameters())
+    assert flow.inv(y) is not x
+    assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
+
+
+def test_a_write_through_data_outside_an_optimiser_needs_invalidate_caches():
+    """The one change nothing can see (docs/state.rst says so), and its remedy."""
+    from pyro_genext.transforms import invalidate_caches
+
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    x, y = _sampled(flow)
+    for p in flow.parameters():
+        p.data.add_(0.1)
+    assert flow.inv(y) is x  # undetectable: served
+    invalidate_caches()
+    assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
+
+
+def test_a_replaced_submodule_invalidates():
+    """The cache keeps the flat list of modules it reads and rebuilds it when torch's
+    registration hooks report a new submodule, parameter or buffer anywhere."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    x, y = _sampled(flow)
+    coupling = flow[0]
+    new = copy.deepcopy(coupling.conditioner)
+    perturb_parameters(new, 0.3)
+    coupling.conditioner = new
+    assert flow.inv(y) is not x
+    assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
+
+
+def test_the_cache_follows_training_and_evaluation_mode():
+    """A BatchNormFlow pair scored in training mode (batch statistics) is not served
+    after ``.eval()`` (running statistics), nor the other way round."""
+    flow = pg.realnvp(3, num_layers=2, norm="batchnorm", **SMALL)
+    perturb_parameters(flow, 0.1)
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from the batch's
+            flow.inv(5 * torch.randn(64, 3) + 2)
+    y = 5 * torch.randn(100, 3) + 2
+    x = flow.inv(y)  # training mode: batch statistics
+    train_ladj = flow.log_abs_det_jacobian(x, y)
+    flow.eval()
+    eval_ladj = flow.log_abs_det_jacobian(x, y)
+    ref = flow.with_cache(0).log_abs_det_jacobian(x, y)
+    assert torch.allclose(eval_ladj, ref)
+    assert not torch.allclose(eval_ladj, train_ladj)
+    u = torch.randn(10, 3)
+    s = flow(u)  # evaluation mode: sampling
+    flow.train()
+    assert flow.inv(s) is not u
+
+
+def test_no_python_code_runs_when_a_cached_output_dies():
+    """A Ctrl-C that lands inside a weakref callback is printed as "Exception ignored" and
+    lost (2 of 13 interrupted VAE trainings ran on). Here an interrupt is raised at the
+    entry of every Python function called while a cached output is freed: it must reach
+    the caller, never the unraisable hook, and the entry must still go."""
+    import sys
+
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    x = torch.randn(3, 4, requires_grad=True)
+    y = flow(x)
+    probe = weakref.ref(x)
+    del x
+    lost, called = [], []
+
+    def interrupt(frame, event, arg):
+        if event == "call":
+            called.append(frame.f_code.co_name)
+            raise KeyboardInterrupt
+        return None
+
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lost.append
+    sys.settrace(interrupt)
+    try:
+        del y  # the last reference: the entry's clean-up runs here
+    finally:
+        sys.settrace(None)
+        sys.unraisablehook = old_hook
+    assert not lost, [u.exc_value for u in lost]
+    assert not called, called
+    gc.collect()
+    assert probe() is None and not flow.__dict__["_held"]
+    # and structurally: the only weakref callbacks a cached output carries are C code
+    y = flow(torch.randn(3, 4))
+    assert all(not hasattr(r.__callback__, "__code__") for r in weakref.getweakrefs(y))
 
 
 # ---------------------------------------------------------------- 5. actnorm start-up

@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributions import Transform
 
 from ..checks import data_checks_enabled
+from ..distributions import FlowDistribution
 from ..metrics import bits_per_dim
 from ..transforms.base import FlowTransform, check_event_shape
 from ..transforms.normalization import initialize
@@ -166,13 +167,15 @@ class FlowDensity(PyroModule):
     # ------------------------------------------------------------------ density
     @property
     def distribution(self) -> dist.TransformedDistribution:
-        """The density as a Pyro ``TransformedDistribution(base, [flow, pre])``, built
-        afresh from the current parameters (cheap: no network runs)."""
+        """The density as a Pyro ``TransformedDistribution(base, [flow, pre])`` (a
+        :class:`~pyro_genext.distributions.FlowDistribution`, which scores in one fused pass,
+        compiled or not), built afresh from the current parameters (cheap: no network
+        runs)."""
         k = len(self.latent_shape)
         loc, scale = self.base_loc, self.base_scale
         base_dist = dist.Normal(loc, scale) if self.base == "normal" else dist.Logistic(loc, scale)
         transforms = [self.flow] if self.preprocess is None else [self.flow, self.preprocess]
-        return dist.TransformedDistribution(base_dist.to_event(k), transforms)
+        return FlowDistribution(base_dist.to_event(k), transforms)
 
     def log_prob(self, x: torch.Tensor, dequantize: bool = False) -> torch.Tensor:
         """The log-density of data ``x`` of shape ``(*batch, *event_shape)`` on the data

@@ -2,7 +2,7 @@
 normalisation and pre-processing. Forward is base -> data; see
 :mod:`pyro_genext.transforms.base` for the caching contract."""
 
-from .base import Bijector, FlowTransform, check_event_shape, sum_rightmost
+from .base import Bijector, FlowTransform, check_event_shape, invalidate_caches, sum_rightmost
 from .chain import Chain, MultiScale
 from .coupling import (
     AdditiveCoupling,
@@ -38,6 +38,7 @@ __all__ = [
     "checkerboard_mask",
     "half_mask",
     "initialize",
+    "invalidate_caches",
     "sum_rightmost",
 ]
 

@@ -23,17 +23,29 @@ it is always computed afresh. The remembered pair is also dropped or ignored whe
 could be wrong:
 
 * the returned tensor or its input was changed in place (their version counters moved);
-* any parameter or buffer was changed in place (an optimiser step) or swapped for
-  another tensor (``torch.func.functional_call``);
+* any parameter or buffer was changed in place (its version counter moved), swapped for
+  another tensor (``torch.func.functional_call``, ``load_state_dict(assign=True)``) or
+  given new storage (``p.data = ...``, as ``torch.nn.utils.vector_to_parameters`` does);
+* any torch optimiser took a step since (Pyro's optimisers wrap torch's): a global
+  ``register_optimizer_step_post_hook`` counts steps, which also covers optimisers that
+  write through ``p.data`` (Pyro's ``ClippedAdam``), invisible to version counters;
+* a module of the transform was switched between training and evaluation mode;
 * the pair was computed without gradients and gradients are now wanted;
 * the returned tensor was garbage-collected: the entry goes with it, so nothing the
-  user dropped (an input, a log-determinant's autograd graph) is kept alive;
+  user dropped (an input, a log-determinant's autograd graph) is kept alive. That
+  clean-up runs no Python code (see :class:`_Ref`), so a Ctrl-C cannot be lost in it;
 * inference tensors (``torch.inference_mode``) are never cached.
 
-Inside code being compiled (``torch.compile``), where weak references and version
-counters do not trace, the pair a call produced is kept in a plain attribute only until
-``log_abs_det_jacobian`` takes it back, within the same traced function: a compiled
-``log_prob`` runs each network once, as an eager one does.
+What no check can see: a write through ``p.data`` *outside* an
+optimiser's ``step``, e.g. ``p.data.copy_(other)``, which moves neither the version
+counter nor the storage. Call :func:`invalidate_caches` after such a write.
+
+Inside code being compiled (``torch.compile``) nothing is remembered and nothing is
+served: state kept on a module there would outlive the traced call (the compiler
+replays attribute writes after the graph, with the tensors), so a compiled
+``TransformedDistribution.log_prob`` runs each network twice (the inverse, then the
+forward pass again for the log-det). :class:`~pyro_genext.distributions.FlowDistribution`
+scores with the fused pass ``_inverse_and_ladj`` instead: one pass, compiled or not.
 
 With ``cache_size=0`` nothing is remembered, as torch's contract says:
 ``log_abs_det_jacobian`` then runs the network again.
@@ -42,15 +54,22 @@ With ``cache_size=0`` nothing is remembered, as torch's contract says:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from operator import attrgetter
 from typing import Any
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import Transform, constraints
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["FlowTransform", "Bijector", "check_event_shape", "sum_rightmost"]
+__all__ = ["FlowTransform", "Bijector", "check_event_shape", "invalidate_caches", "sum_rightmost"]
 
 
 def sum_rightmost(value: torch.Tensor, dim: int) -> torch.Tensor:
@@ -77,52 +96,114 @@ def check_event_shape(
         )
 
 
-def _module_tensors(roots: Iterable[nn.Module]) -> Iterator[torch.Tensor]:
-    """Every parameter and buffer under ``roots``, read from the modules' own dicts (so a
-    tensor swapped in by ``functional_call`` is the one seen), without the cost of
-    ``named_parameters``' prefixes and de-duplication."""
+# ------------------------------------------------------------------ the cache's clock
+class _Clock:
+    """Two global counters the cache reads instead of walking what they count.
+
+    ``epoch`` is bumped after every ``step()`` of every torch optimiser (Pyro's wrap
+    torch's, ``ClippedAdam`` included), so a step that changes parameters through
+    ``.data`` (invisible to their version counters) still invalidates every remembered
+    pair. ``layout`` is bumped whenever any module is given a submodule, a parameter or a
+    buffer (torch's global registration hooks), so each transform can keep the flat list
+    of modules and tensor dicts it reads, and rebuild it only after such a change."""
+
+    epoch = 0
+    layout = 0
+
+
+def _tick(*_: Any) -> None:
+    _Clock.epoch += 1
+
+
+def _relayout(*_: Any) -> None:
+    _Clock.layout += 1
+
+
+register_optimizer_step_post_hook(_tick)
+register_module_module_registration_hook(_relayout)
+register_module_parameter_registration_hook(_relayout)
+register_module_buffer_registration_hook(_relayout)
+
+
+def invalidate_caches() -> None:
+    """Make every bijector's remembered pair stale, for parameter changes that nothing
+    else can see: a write through ``p.data`` outside a torch optimiser's ``step``, e.g.
+    ``p.data.copy_(other)`` or a hand-written ``p.data -= lr * p.grad``.
+
+    Example::
+
+        >>> import pyro_genext as pg
+        >>> flow = pg.realnvp(2, num_layers=2, hidden_dims=(8,))
+        >>> y = flow(torch.randn(3, 2))
+        >>> for p in flow.parameters():
+        ...     _ = p.data.add_(0.1)
+        >>> invalidate_caches()
+        >>> torch.allclose(flow.inv(y), flow.with_cache(0).inv(y.clone()))
+        True
+    """
+    _tick()
+
+
+def _layout(roots: Iterable[nn.Module]) -> tuple[int, tuple[nn.Module, ...], tuple[dict, ...]]:
+    """Every module under ``roots`` and their non-empty parameter and buffer dicts (the
+    dicts themselves: a tensor that ``functional_call`` swaps in is read from them)."""
+    mods: list[nn.Module] = []
     stack = list(roots)
     while stack:
         m = stack.pop()
-        for p in m._parameters.values():
-            if p is not None:
-                yield p
-        for b in m._buffers.values():
-            if b is not None:
-                yield b
+        mods.append(m)
         stack.extend(c for c in m._modules.values() if c is not None)
+    dicts = tuple(d for m in mods for d in (m._parameters, m._buffers) if d)
+    return _Clock.layout, tuple(mods), dicts
+
+
+def _signature(mods: tuple[nn.Module, ...], dicts: tuple[dict, ...],
+               extra: Iterable[torch.Tensor], keep: list[Any] | None = None) -> tuple[Any, ...]:
+    """Everything a remembered pair depends on besides its own tensors, as one flat tuple
+    of ints and bools: the optimiser epoch, each module's training flag, and the identity,
+    version and storage address of every parameter, buffer and extra tensor. With
+    ``keep``, the tensors and their storages are appended to it, so that holding ``keep``
+    stops any id or address in the signature from being reused."""
+    tensors = [t for d in dicts for t in d.values() if t is not None]
+    tensors += extra
+    if keep is not None:
+        keep += tensors
+        keep += [t.untyped_storage() for t in tensors]
+    # map with C getters: about half the time of a Python loop over the tensors
+    return (_Clock.epoch, *map(_training, mods), *map(id, tensors), *map(_version, tensors),
+            *map(_data_ptr, tensors))
+
+
+_training, _version = attrgetter("training"), attrgetter("_version")
+_data_ptr = torch.Tensor.data_ptr
 
 
 class _Entry:
-    """What one call produced: ``out`` (held weakly) from ``inp``, with the log-det."""
+    """What one call produced from ``inp``: the log-det, and what it was computed under
+    (the input's version, the gradient mode, the :func:`_signature` of the state)."""
 
-    __slots__ = ("out", "out_version", "inp", "inp_version", "ladj", "forward", "grad",
-                 "state", "state_ids", "state_versions", "__weakref__")
-    out: weakref.ref[torch.Tensor]
-    out_version: int
+    __slots__ = ("inp", "inp_version", "out_version", "ladj", "forward", "grad", "sig",
+                 "keep")
     inp: torch.Tensor
     inp_version: int
+    out_version: int
     ladj: torch.Tensor
     forward: bool
     grad: bool
-    state: list[torch.Tensor]
-    state_ids: tuple[int, ...]
-    state_versions: tuple[int, ...]
+    sig: tuple[Any, ...]
+    keep: list[Any]
 
-    def matches(self, owner: FlowTransform) -> bool:
-        out = self.out()
-        if out is None:
-            return False
-        try:
-            if out._version != self.out_version or self.inp._version != self.inp_version:
-                return False
-        except RuntimeError:  # pragma: no cover - an inference tensor slipped in
-            return False
-        if not self.grad and torch.is_grad_enabled():
-            return False
-        state = list(owner._state_tensors())
-        return (tuple(map(id, state)) == self.state_ids
-                and tuple(t._version for t in state) == self.state_versions)
+
+class _Ref(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to the tensor a call returned, carrying that call's entry.
+
+    The transform holds it in a set, and its callback is that set's ``discard``: when the
+    tensor dies, C code drops the reference and the entry with it (and so the input and
+    the log-det's graph). No Python function runs on that path, so a ``KeyboardInterrupt``
+    can never land inside it and be swallowed as an "exception ignored" in a callback."""
+
+    __slots__ = ("entry",)
+    entry: _Entry
 
 
 class FlowTransform(Transform):
@@ -185,57 +266,60 @@ class FlowTransform(Transform):
         """Tensors the map depends on that no module holds (a conditioning context)."""
         return ()
 
-    def _state_tensors(self) -> Iterable[torch.Tensor]:
-        """Tensors whose change invalidates the cache: every parameter and buffer of
-        :meth:`_state_modules`, and :meth:`_extra_state`."""
-        yield from _module_tensors(self._state_modules())
-        yield from self._extra_state()
-
     # ------------------------------------------------------------------ caching
+    def _signature(self, keep: list[Any] | None = None) -> tuple[Any, ...]:
+        layout = self.__dict__.get("_layout")
+        if layout is None or layout[0] != _Clock.layout:
+            layout = self.__dict__["_layout"] = _layout(self._state_modules())
+        return _signature(layout[1], layout[2], self._extra_state(), keep)
+
     def _remember(self, inp: torch.Tensor, out: torch.Tensor, ladj: torch.Tensor,
                   forward: bool) -> None:
         if torch.compiler.is_compiling():
-            # inside a compiled function: the pair is remembered for the length of the
-            # trace only (no weak references or version counters, which do not trace);
-            # log_abs_det_jacobian takes it back out, so nothing outlives the call
-            self._traced: tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None = (
-                inp, out, ladj, forward)
-            return
+            return  # compiled code keeps no state at all: nothing outlives a traced call
+        held = self.__dict__.get("_held")
+        if held is None:
+            held = self.__dict__["_held"] = set()
+        held.clear()  # one entry per transform: the previous one goes now
         if inp.is_inference() or out.is_inference():
             return
+        e = _Entry()
+        e.keep = []
         try:
-            state = list(self._state_tensors())
-            e = _Entry()
             e.out_version, e.inp_version = out._version, inp._version
-            e.state_versions = tuple(t._version for t in state)
+            e.sig = self._signature(e.keep)  # keep: ids and addresses cannot be reused
         except RuntimeError:  # inference tensors (no version counter) or functorch wrappers
             return
         e.inp, e.ladj, e.forward, e.grad = inp, ladj, forward, torch.is_grad_enabled()
-        e.state, e.state_ids = state, tuple(map(id, state))  # held: ids cannot be reused
-        owner = weakref.ref(self)
-        entry = weakref.ref(e)
-
-        def forget(_: Any) -> None:  # the returned tensor died: drop what it pinned
-            o = owner()
-            if o is not None and o.__dict__.get("_entry") is entry():
-                o.__dict__["_entry"] = None
-
-        e.out = weakref.ref(out, forget)
-        self.__dict__["_entry"] = e
+        ref = _Ref(out, held.discard)  # the callback is C code: see _Ref
+        ref.entry = e
+        held.add(ref)
 
     def _served(self, value: torch.Tensor, forward_entry: bool) -> _Entry | None:
         """The entry whose returned tensor is ``value``, from a forward call
         (``forward_entry``) or an inverse call, if it is still right."""
-        e = self.__dict__.get("_entry")
-        if e is None or e.forward != forward_entry or e.out() is not value:
+        held = self.__dict__.get("_held")
+        if not held or torch.compiler.is_compiling():
             return None
-        if torch.compiler.is_compiling() or not e.matches(self):
-            return None
-        return e
+        for ref in held:
+            if ref() is not value:
+                return None
+            e = ref.entry
+            if e.forward != forward_entry or (not e.grad and torch.is_grad_enabled()):
+                return None
+            try:
+                if value._version != e.out_version or e.inp._version != e.inp_version:
+                    return None
+                return e if self._signature() == e.sig else None
+            except RuntimeError:  # pragma: no cover - a functorch wrapper in the state
+                return None
+        return None
 
     def clear_cache(self) -> None:
         """Forget the remembered pair (it also expires by itself, see the module doc)."""
-        self.__dict__["_entry"] = None
+        held = self.__dict__.get("_held")
+        if held:
+            held.clear()
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         check_event_shape(x, self.event_shape)
@@ -266,13 +350,6 @@ class FlowTransform(Transform):
         return self._inverse(y)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            traced = getattr(self, "_traced", None)
-            if traced is not None:
-                self._traced = None
-                inp, out, ladj, forward = traced
-                if (forward and inp is x and out is y) or (not forward and inp is y and out is x):
-                    return ladj
         if self._cache_size == 1:
             e = self._served(y, forward_entry=True)
             if e is not None and e.inp is x:
@@ -283,11 +360,22 @@ class FlowTransform(Transform):
         check_event_shape(x, self.event_shape)
         return self._forward_and_ladj(x)[1]
 
+    def _inverse_with_ladj(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t.inv(y), log|det J|)`` in one pass, or from the pair a call of ``t(x)``
+        returned as ``y`` (see :class:`~pyro_genext.distributions.FlowDistribution`);
+        remembers nothing."""
+        if self._cache_size == 1:
+            e = self._served(y, forward_entry=True)
+            if e is not None:
+                return e.inp, e.ladj
+        check_event_shape(y, self.codomain_event_shape)
+        return self._inverse_and_ladj(y)
+
     # ------------------------------------------------------------------ copying
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # drops the weak inverse
-        state["_entry"] = None  # weak references cannot be copied; a copy starts empty
-        state.pop("_traced", None)
+        state.pop("_held", None)  # weak references cannot be copied; a copy starts empty
+        state.pop("_layout", None)
         state.pop("_cached_x_y", None)
         return state
 
@@ -311,7 +399,6 @@ class Bijector(FlowTransform, TransformModule):
     def __init__(self, event_shape: tuple[int, ...] | torch.Size, cache_size: int = 0) -> None:
         super().__init__(cache_size=cache_size)
         self.event_shape = tuple(int(s) for s in event_shape)
-        self.__dict__["_entry"] = None
 
     # The training flag lives in a cell that with_cache views share, so that
     # ``original.eval()`` also switches every view (nn.Module keeps it per object).
@@ -334,7 +421,7 @@ class Bijector(FlowTransform, TransformModule):
             raise ValueError(f"cache_size must be 0 or 1, got {cache_size}")
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)  # shares _parameters, _modules, _buffers, _mode
-        other.__dict__["_entry"] = None
+        other.__dict__.pop("_held", None)  # a view starts with an empty cache of its own
         other.__dict__["_inv"] = None
         other._cache_size = cache_size
         if cache_size == 1:

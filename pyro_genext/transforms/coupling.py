@@ -334,7 +334,6 @@ class _ConditionedCoupling(FlowTransform):
         self.core = core
         self.context = context
         self.event_shape = core.event_shape
-        self.__dict__["_entry"] = None
 
     @property
     def training(self) -> bool:
