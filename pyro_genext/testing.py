@@ -182,7 +182,7 @@ def check_log_det(t: Transform, x: torch.Tensor, atol: float = 1e-7) -> None:
     def flat(v: torch.Tensor) -> torch.Tensor:
         return t0(v.reshape(ev)).reshape(-1)
 
-    jac = torch.autograd.functional.jacobian(flat, x.reshape(-1).clone())
+    jac = torch.autograd.functional.jacobian(flat, x.reshape(-1).clone(), vectorize=True)
     if jac.shape[0] != jac.shape[1]:
         raise AssertionError(f"Jacobian is not square: {tuple(jac.shape)}")
     sign, logabsdet = torch.linalg.slogdet(jac)
@@ -215,7 +215,7 @@ def check_log_det_per_event(t: Transform, x: torch.Tensor, atol: float = 1e-7) -
                              f"{tuple(x.shape[: x.dim() - len(ev)])}")
     for i in range(x.shape[0]):
         jac = torch.autograd.functional.jacobian(
-            lambda v: t0(v.reshape(ev)).reshape(-1), x[i].reshape(-1).clone()
+            lambda v: t0(v.reshape(ev)).reshape(-1), x[i].reshape(-1).clone(), vectorize=True
         )
         _close(ladj[i], torch.linalg.slogdet(jac)[1].to(ladj),
                f"log|det J| of event {i} in a batch vs its autograd Jacobian", atol)
