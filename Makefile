@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg constraints.txt | cksum | cut -d' ' -f1)
 DEMO_OUT ?= runs/demo
+# pytest-xdist workers for `make test`: one per core (the suite is CPU-bound, one torch
+# thread per test); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= auto
 
 .PHONY: install demo test test-fast lint docs bench clean
 
@@ -23,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pyro_genext.demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
