@@ -164,7 +164,7 @@ def build_floor(cfg: Config) -> Contender:
 
 # ---------------------------------------------------------------------------- ours
 def _our_flow(cfg: Config) -> tuple[nn.Module, Any]:
-    """Our recipe at the peers' architecture, and its TransformedDistribution."""
+    """Our recipe at the peers' architecture, and its distribution."""
     import pyro.distributions as dist
 
     import pyro_genext
@@ -174,8 +174,12 @@ def _our_flow(cfg: Config) -> tuple[nn.Module, Any]:
         flow = pyro_genext.realnvp(cfg.dim, num_layers=cfg.layers, hidden_dims=hidden, norm=cfg.norm)
     else:
         flow = pyro_genext.nice(cfg.dim, num_layers=cfg.layers, hidden_dims=hidden)
+    from pyro_genext.distributions import FlowDistribution
+
     base = dist.Normal(torch.zeros(cfg.dim), torch.ones(cfg.dim)).to_event(1)
-    return flow, dist.TransformedDistribution(base, flow)
+    # FlowDistribution is Pyro's TransformedDistribution with the fused one-pass log_prob
+    # (what FlowDensity uses); in Pyro's own class, scoring costs the cache's bookkeeping
+    return flow, FlowDistribution(base, [flow])
 
 
 def build_ours(cfg: Config) -> Contender:
