@@ -42,6 +42,16 @@ def _contiguous(idx: torch.Tensor) -> bool:
     return bool(idx.numel() > 0 and (idx == torch.arange(int(idx[0]), int(idx[0]) + idx.numel())).all())
 
 
+def _forward_ladj(ld: torch.Tensor | None, event_dim: int, inverse: bool) -> torch.Tensor | None:
+    """The forward log|det J| per event from an element-wise map's log-det of the
+    direction it ran (negated after summing when that was the inverse: one small vector
+    instead of a full-size tensor)."""
+    if ld is None:
+        return None
+    total = sum_rightmost(ld, event_dim)
+    return -total if inverse else total
+
+
 class MaskedCoupling(Bijector):
     r"""A coupling layer ``y_A = x_A``, ``y_B = g(x_B; θ(x_A))`` chosen by a binary mask.
 
@@ -239,15 +249,15 @@ class MaskedCoupling(Bijector):
             m = self.mask
             xa = x * m
             params = self._params(xa, context, self.event_shape[0])
-            yb, s = fn(x, params, inverse, self.scale_bound)
+            yb, ld = fn(x, params, inverse, self.scale_bound)
             y = xa + (1 - m) * yb
-            ladj = None if s is None else sum_rightmost(s * (1 - m), ed)
+            ladj = _forward_ladj(None if ld is None else ld * (1 - m), ed, inverse)
         else:
             xa, xb = self._split(x)
             params = self._params(xa, context, self._nb)
-            yb, s = fn(xb, params, inverse, self.scale_bound)
+            yb, ld = fn(xb, params, inverse, self.scale_bound)
             y = self._join(xa, yb)
-            ladj = None if s is None else sum_rightmost(s, ed)
+            ladj = _forward_ladj(ld, ed, inverse)
         if ladj is None:
             ladj = y.new_zeros(y.shape[: y.dim() - ed])
         return y, ladj
@@ -259,8 +269,8 @@ class MaskedCoupling(Bijector):
         context): returns the two output halves and the log-det (``None`` if zero)."""
         a, b = (lo, hi) if self._a_first else (hi, lo)
         params = self._params(a, None, self._nb)
-        yb, s = MAPS[self.elementwise](b, params, inverse, self.scale_bound)
-        ladj = None if s is None else sum_rightmost(s, self._event_dim)
+        yb, ld = MAPS[self.elementwise](b, params, inverse, self.scale_bound)
+        ladj = _forward_ladj(ld, self._event_dim, inverse)
         return (lo, yb, ladj) if self._a_first else (yb, hi, ladj)
 
     def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
