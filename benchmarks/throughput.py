@@ -49,14 +49,22 @@ Clock = Callable[[], float]
 CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def _sync() -> None:
+    """Wait for queued GPU work (a no-op on the CPU), so that a timing covers it."""
+    if torch.cuda.is_available() and torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _time_per_call(fn: Callable[[], None], calls: int, clock: Clock) -> float:
     """Mean seconds per call of ``fn()`` over ``calls`` back-to-back calls, GC paused."""
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
+        _sync()
         start = clock()
         for _ in range(calls):
             fn()
+        _sync()
         return (clock() - start) / calls
     finally:
         if gc_was_on:
@@ -226,6 +234,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds each timing lasts at least (default 0.25)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu",
+                   help="where every contender is built and run (torch.set_default_device), "
+                        "e.g. cuda; timings then wait for the GPU (use --clock wall)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time (default); cpu: CPU time of this process, which "
                         "other processes on a busy machine disturb less (use with --threads 1: "
@@ -255,6 +266,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--dims: expected even sizes >= 2 (couplings split halves), got {d}")
     if args.repeats < 1 or args.batch < 1 or args.threads < 1:
         p.error("--repeats, --batch and --threads must be >= 1")
+    if args.device != "cpu" and args.clock == "cpu":
+        p.error("--clock cpu counts this process's CPU time, not the GPU's: use --clock wall")
     return args
 
 
@@ -263,14 +276,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if str(ROOT) not in sys.path:  # run from a checkout without installing the package
         sys.path.insert(0, str(ROOT))
     torch.set_num_threads(args.threads)
+    torch.set_default_device(args.device)
     torch.distributions.Distribution.set_default_validate_args(args.validate)
     import pyro
 
     pyro.enable_validation(args.validate)
     machine = _machine(args.threads)
+    machine["device"] = args.device
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name()
     print(f"# Coupling-flow throughput, batch {args.batch}")
     print(f"cpu: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), "
-          f"torch threads: {args.threads}, python {machine['python']}")
+          f"torch threads: {args.threads}, python {machine['python']}, device {args.device}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()))
     print(f"load average at start: {', '.join(f'{v:.2f}' for v in machine['loadavg_start'])}")
     print(f"clock: {args.clock}; repeats: {args.repeats}, each timing >= {args.min_time} s, "
