@@ -136,6 +136,32 @@ def test_recipe_samples_then_scores_with_one_network_pass(make):
     assert len(calls) == one_pass
 
 
+def test_flow_distribution_scores_in_one_fused_pass_and_serves_its_own_samples():
+    """FlowDistribution.log_prob: data is scored with one pass and nothing remembered; a
+    sample the flow just returned is served from its cache (no pass at all), and after an
+    optimiser step it is scored afresh, equal to its clone."""
+    from pyro_genext.distributions import FlowDistribution
+
+    flow = pg.realnvp(6, num_layers=4, **SMALL)
+    perturb_parameters(flow, 0.1)
+    calls = _count_linear_calls(flow)
+    base = dist.Normal(torch.zeros(6), 1.0).to_event(1)
+    d = FlowDistribution(base, [flow])
+    data = torch.randn(8, 6)
+    lp = d.log_prob(data)
+    one_pass = len(calls)
+    assert one_pass == 4 * 2 and not flow.__dict__.get("_held")
+    assert torch.allclose(lp, dist.TransformedDistribution(base, [flow.with_cache(0)]).log_prob(data))
+    s = d.rsample((5,))
+    calls.clear()
+    lp_s = d.log_prob(s)
+    assert len(calls) == 0
+    assert torch.allclose(lp_s, d.log_prob(s.detach().clone()), atol=1e-5)
+    (-lp_s.sum()).backward()
+    torch.optim.SGD(flow.parameters(), lr=0.1).step()
+    assert torch.allclose(d.log_prob(s), d.log_prob(s.detach().clone()))
+
+
 def test_conditioned_flow_samples_then_scores_with_one_network_pass():
     cflow = pg.conditional_realnvp(4, 3, num_layers=3, **SMALL)
     calls = _count_linear_calls(cflow)
