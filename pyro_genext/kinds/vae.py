@@ -208,7 +208,7 @@ def evaluate(m: Any, data: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     values = per_example_metrics(scoring, m, x, args.settings["seed"], data.split or "test")
     elbo, iwae = values["elbo"].double(), values["iwae"].double()
     return {"elbo": float(elbo.mean()), "iwae": float(iwae.mean()), "num_samples": k,
-            "elbo_particles": p, "num_evaluated": int(x.shape[0]),
+            "elbo_particles": p, "num_examples": int(x.shape[0]),
             "gap": float((iwae - elbo).mean())}
 
 
