@@ -70,12 +70,15 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -661,6 +664,9 @@ def fit(
         if outp is None or not (outp / "last.pt").exists():
             raise CheckpointError(f"--resume: no checkpoint to resume from in {outp}")
         state = load_checkpoint(outp / "last.pt")
+        if state["best_step"] == state["step"] and distributed.context().is_main:
+            # last.pt is the best model; best.pt may predate it (killed between the writes)
+            save_checkpoint(outp / "best.pt", state)
         state["_path"] = outp / "last.pt"
         s = _resume_settings(k, settings, state, outp)
     else:
@@ -679,16 +685,18 @@ def fit(
     if outp is not None:
         _check_writable(outp)
         held = [n for n in ("last.pt", "best.pt") if (outp / n).exists()]
-        if held and not resume:
-            if not overwrite:
-                raise RunExistsError(
-                    f"{outp} already holds a training run ({', '.join(held)}): pass --resume to "
-                    f"continue it or --overwrite to replace it, or choose another --out"
-                )
-            if ctx.is_main:
+        if held and not resume and not overwrite:
+            raise RunExistsError(
+                f"{outp} already holds a training run ({', '.join(held)}): pass --resume to "
+                f"continue it or --overwrite to replace it, or choose another --out"
+            )
+        if ctx.is_main:  # a killed run's half-written checkpoints; --overwrite: the run too
+            for stale in list(outp.glob("last.pt.*.tmp")) + list(outp.glob("best.pt.*.tmp")):
+                stale.unlink(missing_ok=True)
+            if not resume:
                 for name in held:
                     (outp / name).unlink()
-            distributed.barrier(ctx)
+        distributed.barrier(ctx)
 
     seed = int(s["seed"])
     pyro.set_rng_seed(seed)
@@ -782,6 +790,12 @@ def fit(
 
     last_log = -math.inf
     metric_name: list[str] = []
+    saved = [state["step"] if state is not None else None]  # the step last.pt holds
+
+    def save_last(snap: dict[str, Any]) -> None:
+        assert outp is not None
+        save_checkpoint(outp / "last.pt", snap)
+        saved[0] = snap["step"]
 
     def validate() -> None:
         flush()
@@ -809,11 +823,11 @@ def fit(
                 + (" (best)" if improved else ""))
         if bar is not None:
             bar.set_postfix_str(_postfix(), refresh=False)
-        if outp is not None:
+        if outp is not None:  # last.pt first: it names the best step (see resume)
             snap = snapshot()
+            save_last(snap)
             if improved:
                 save_checkpoint(outp / "best.pt", snap)
-            save_checkpoint(outp / "last.pt", snap)
 
     figure: list[Any] = ["loss", math.nan]
 
@@ -839,10 +853,12 @@ def fit(
         for value in values:
             done[0] += 1
             if not math.isfinite(value):
+                where = ("" if outp is None else
+                         "; no checkpoint was written" if saved[0] is None else
+                         f"; the last checkpoint (step {saved[0]}) is {outp / 'last.pt'}")
                 raise FloatingPointError(
-                    f"training loss is {value} at step {done[0]}"
-                    + (f"; the last checkpoint is in {outp / 'last.pt'}" if outp is not None else "")
-                    + "; try a lower --lr or --clip-norm"
+                    f"training loss is {value} at step {done[0]}{where}; try a lower --lr or "
+                    f"--clip-norm"
                 )
             name, shown = k.progress(module, value) if k.progress is not None else ("loss", value)
             figure[:] = [name, running.add(shown)]
@@ -888,17 +904,19 @@ def fit(
             elif outp is not None and step % int(s["checkpoint_every"]) == 0:
                 flush()
                 if ctx.is_main:
-                    save_checkpoint(outp / "last.pt", snapshot())
+                    save_last(snapshot())
+            if stop[0]:  # Ctrl-C, at a step boundary: the snapshot is consistent
+                flush()
+                if outp is not None and ctx.is_main and saved[0] != step:
+                    save_last(snapshot())
+                raise KeyboardInterrupt
         flush()
 
     module.train()
     try:
-        with data_checks(False):  # the splits were validated once, when they were loaded
+        # the splits were validated once, when they were loaded; Ctrl-C ends the step first
+        with data_checks(False), _interrupt_between_steps() as stop:
             _train_loop()
-    except KeyboardInterrupt:
-        if outp is not None and ctx.is_main:
-            save_checkpoint(outp / "last.pt", snapshot())
-        raise
     finally:
         if bar is not None:
             bar.close()
@@ -907,6 +925,29 @@ def fit(
 
 def _silent(msg: str) -> None:
     pass
+
+
+@contextmanager
+def _interrupt_between_steps() -> Iterator[list[bool]]:
+    """Within the block, Ctrl-C (SIGINT) sets ``flag[0]`` for the loop to stop at the end of
+    the step, so the checkpoint it saves is the state between two steps; a second Ctrl-C
+    interrupts at once (the last checkpoint written then stands). Outside the main thread
+    signals cannot be caught, and Ctrl-C interrupts at once."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stream(gen: torch.Generator, ctx: distributed.Context, seed: int, step: int) -> torch.Generator:

@@ -4,7 +4,11 @@ the command line without any change to the engine."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import signal
 
 import pyro
 import pyro.distributions as dist
@@ -212,3 +216,120 @@ def test_warmup_raises_the_learning_rate_linearly_and_resumes_exactly(tmp_path, 
     assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
     for key, value in whole["module"].state_dict().items():
         assert torch.equal(value, resumed["module"].state_dict()[key]), key
+
+
+# ------------------------------------------- engine defects found in review (issue 17)
+def _quiet(line: str) -> None:
+    pass
+
+
+def _same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        assert torch.equal(value, sb[key]), key
+
+
+def test_ctrl_c_resumes_bit_exactly(tmp_path):
+    """Ctrl-C (SIGINT) in the middle of step 7 (while its batch is being prepared, after
+    the data position moved): the run finishes or forgets that step, saves last.pt and
+    raises KeyboardInterrupt; resuming from last.pt gives the uninterrupted run's
+    parameters bit for bit (the old snapshot held the moved position but not the step, so
+    the resumed run skipped a batch)."""
+    armed, calls = [False], [0]
+
+    def prepare(m, x, gen):
+        if m.training:  # training batches draw from the engine's training generator
+            calls[0] += 1
+            if armed[0] and calls[0] == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+            return x + 0.01 * torch.randn(x.shape, generator=gen)
+        return x
+
+    kind = dataclasses.replace(GAUSSIAN, prepare=prepare)
+    settings = {"data": "moons", "steps": 12, "batch_size": 500, "lr": 0.05, "init_scale": 3.0}
+    straight = engine.fit(kind, settings, tmp_path / "a", progress=False, log=_quiet)
+    armed[0], calls[0] = True, 0
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(kind, settings, tmp_path / "b", progress=False, log=_quiet)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] in (6, 7)
+    armed[0] = False
+    resumed = engine.fit(kind, {"steps": 12}, tmp_path / "b", resume=True, progress=False,
+                         log=_quiet)
+    _same_parameters(straight["module"], resumed["module"])
+    assert straight["history"] == resumed["history"]
+
+
+def _nan_from(first_bad: int):
+    """GAUSSIAN whose training batches turn NaN from the ``first_bad``-th step on."""
+    calls = [0]
+
+    def prepare(m, x, gen):
+        if m.training:
+            calls[0] += 1
+            if calls[0] >= first_bad:
+                return x * math.nan
+        return x
+
+    return dataclasses.replace(GAUSSIAN, prepare=prepare)
+
+
+def test_a_nan_loss_names_a_checkpoint_only_when_one_exists(tmp_path):
+    settings = {"data": "moons", "steps": 10, "batch_size": 500, "init_scale": 1.0,
+                "checkpoint_every": 2}
+    with pytest.raises(FloatingPointError) as e:
+        engine.fit(_nan_from(1), settings, tmp_path / "a", progress=False, log=_quiet)
+    msg = str(e.value)
+    assert "at step 1" in msg and "no checkpoint was written" in msg and "last.pt" not in msg
+    assert not (tmp_path / "a" / "last.pt").exists()
+    with pytest.raises(FloatingPointError) as e:
+        engine.fit(_nan_from(6), settings, tmp_path / "b", progress=False, log=_quiet)
+    msg = str(e.value)
+    assert "at step 6" in msg and f"last checkpoint (step 4) is {tmp_path / 'b' / 'last.pt'}" in msg
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 4
+
+
+def test_resume_and_overwrite_remove_a_killed_runs_temporary_files(tmp_path):
+    """A process killed while writing a checkpoint leaves ``last.pt.<random>.tmp``:
+    --resume and --overwrite remove those (and only those)."""
+    out = tmp_path / "r"
+    settings = {"data": "moons", "steps": 2, "batch_size": 500}
+    engine.fit(GAUSSIAN, {**settings, "init_scale": 1.0}, out, progress=False, log=_quiet)
+    for mode in ("resume", "overwrite"):
+        stale = [out / "last.pt.k1ll3d.tmp", out / "best.pt.abc_12.tmp"]
+        for path in stale:
+            path.write_bytes(b"half a checkpoint")
+        keep = out / "notes.tmp"
+        keep.write_text("mine")
+        given = {"steps": 3} if mode == "resume" else {**settings, "init_scale": 1.0}
+        engine.fit(GAUSSIAN, given, out, progress=False, log=_quiet, **{mode: True})
+        assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
+
+
+def test_a_crash_between_the_two_checkpoint_writes_leaves_no_stale_best(tmp_path, monkeypatch):
+    """A validation that improves writes best.pt and last.pt; the process dies after the
+    first of the two. Resuming must agree with best.pt: the run's best step is the step of
+    the model in best.pt (the old order, best.pt first, left last.pt believing an older
+    best, which a resumed run could replace by a worse model)."""
+
+    class Crash(Exception):
+        pass
+
+    save, writes = torch.save, [0]
+
+    def crashing_save(obj, f, *args, **kwargs):
+        writes[0] += 1
+        if writes[0] == 4:  # the second file of the second validation (steps 4 and 8)
+            raise Crash
+        return save(obj, f, *args, **kwargs)
+
+    out = tmp_path / "r"
+    settings = {"data": "moons", "steps": 8, "batch_size": 2500, "lr": 0.05, "init_scale": 3.0}
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(Crash):
+        engine.fit(GAUSSIAN, settings, out, progress=False, log=_quiet)
+    monkeypatch.setattr(torch, "save", save)
+    at = torch.load(out / "last.pt", weights_only=False)["step"]
+    result = engine.fit(GAUSSIAN, {"steps": at}, out, resume=True, progress=False, log=_quiet)
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert result["best_step"] == best["step"] and result["best"] == best["best_summary"]
