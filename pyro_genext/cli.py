@@ -27,6 +27,7 @@ from typing import Any, NoReturn, cast
 import torch
 
 from .engine import nonneg_int, positive_int
+from .engine.settings import SettingsParser
 
 __all__ = ["main", "build_parser"]
 
@@ -44,6 +45,10 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
+
+
+class _TrainParser(SettingsParser, _Parser):
+    """``train MODEL``: the namespace holds only the flags given (see SettingsParser)."""
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,9 +82,9 @@ def _add_kinds_arguments(p: argparse.ArgumentParser, command: str) -> None:
     found wherever it stands among them (``evaluate --num-samples 10 RUN``); once the
     checkpoint names the kind, its flags alone are parsed again (:func:`_load_run`). ``p``
     resolves a flag two kinds share by keeping the later one: here only its arity counts."""
-    from .engine import KINDS
+    from .engine import kinds
 
-    for name, kind in KINDS.items():
+    for name, kind in kinds().items():
         add = getattr(kind, f"add_{command}_arguments")
         if add is not None:  # a group takes the same add_argument calls as a parser
             add(cast(argparse.ArgumentParser, p.add_argument_group(f"flags of {name} runs")))
@@ -88,17 +93,17 @@ def _add_kinds_arguments(p: argparse.ArgumentParser, command: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (``train`` has one sub-command per registered model kind)."""
     from . import __version__
-    from .engine import KINDS, add_train_arguments, get_kind
+    from .engine import add_train_arguments, kinds
 
-    get_kind("realnvp")  # registers the built-in kinds
     p = _Parser(prog=PROG, description="Train, evaluate and sample deep generative models for Pyro.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (pyro-genext train MODEL --help for its flags)",
                        description="Train a model; MODEL --help lists its flags.")
-    models = t.add_subparsers(dest="model", required=True, parser_class=_Parser, metavar="MODEL")
-    for name, kind in KINDS.items():
+    models = t.add_subparsers(dest="model", required=True, parser_class=_TrainParser,
+                              metavar="MODEL")
+    for name, kind in kinds().items():
         m = models.add_parser(name, help=kind.summary, description=kind.summary)
         add_train_arguments(m, kind)
 
@@ -123,7 +128,7 @@ def _set_threads(given: int | None, default: int) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from .engine import INVOCATION, _check_settings, default_settings, describe_result, fit, get_kind
+    from .engine import INVOCATION, check_settings, default_settings, describe_result, fit, get_kind
 
     kind = get_kind(args.model)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "model")}
@@ -135,7 +140,7 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         if "data" not in given:
             raise UsageError("the following arguments are required: --data")
         try:
-            _check_settings({**default_settings(kind), **given})
+            check_settings({**default_settings(kind), **given})
         except ValueError as e:
             raise UsageError(str(e)) from None
     _set_threads(control.get("threads"), kind.default_threads)

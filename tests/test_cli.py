@@ -308,9 +308,9 @@ def test_validation_reports_median_and_worst_and_keeps_the_mean_for_best(tmp_pat
 def test_progress_figure_is_robust_to_one_spike():
     """Item 3: one step at 13 million does not move the running figure (the old running
     average, 0.98 r + 0.02 x, read 260000 after it and stayed above 400 for 300 steps)."""
-    from pyro_genext.engine import _Running
+    from pyro_genext.engine import RunningMedian
 
-    running = _Running()
+    running = RunningMedian()
     for _ in range(99):
         running.add(5.0)
     assert running.add(1.3e7) == 5.0

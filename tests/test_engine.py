@@ -98,7 +98,7 @@ GAUSSIAN = engine.ModelKind(
 def gaussian_kind():
     engine.register(GAUSSIAN)
     yield GAUSSIAN
-    del engine.KINDS[GAUSSIAN.name]
+    engine.unregister(GAUSSIAN.name)
 
 
 def test_a_third_kind_trains_evaluates_and_resumes_through_the_cli(tmp_path, capsys, gaussian_kind):
@@ -189,7 +189,7 @@ def test_a_kinds_own_evaluate_and_sample_flags_reach_it(tmp_path, capsys):
         assert main(["evaluate", str(flow), "--num-samples", "7"]) == 2
         assert "unrecognized arguments: --num-samples 7" in capsys.readouterr().err
     finally:
-        del engine.KINDS["gaussian-flags"]
+        engine.unregister("gaussian-flags")
 
 
 def test_warmup_raises_the_learning_rate_linearly_and_resumes_exactly(tmp_path, monkeypatch):
@@ -333,3 +333,152 @@ def test_a_crash_between_the_two_checkpoint_writes_leaves_no_stale_best(tmp_path
     result = engine.fit(GAUSSIAN, {"steps": at}, out, resume=True, progress=False, log=_quiet)
     best = torch.load(out / "best.pt", weights_only=False)
     assert result["best_step"] == best["step"] and result["best"] == best["best_summary"]
+
+
+def test_on_step_runs_right_before_each_loss_with_the_steps_taken(tmp_path):
+    """ModelKind.on_step(module, step, settings): before each training step's loss, after
+    the batch is prepared, with the number of optimiser steps already taken (0 first); a
+    resumed run continues the count. Not called for validation."""
+    events = []
+
+    class Recording(Gaussian):
+        def model(self, x):
+            if self.training:
+                events.append("loss")
+            super().model(x)
+
+    def prepare(m, x, gen):
+        if m.training:
+            events.append("prepare")
+        return x
+
+    kind = dataclasses.replace(
+        GAUSSIAN, build=lambda s, data: Recording(data.event_shape[0], s["init_scale"]),
+        prepare=prepare,
+        on_step=lambda m, step, s: events.append((step, s["init_scale"], m.training)))
+    settings = {"data": "moons", "steps": 3, "batch_size": 500, "init_scale": 2.0}
+    engine.fit(kind, settings, tmp_path / "r", progress=False, log=_quiet)
+    assert events == [e for k in range(3) for e in ("prepare", (k, 2.0, True), "loss")]
+    events.clear()
+    engine.fit(kind, {"steps": 5}, tmp_path / "r", resume=True, progress=False, log=_quiet)
+    assert [e[0] for e in events if isinstance(e, tuple)] == [3, 4]
+
+
+# ----------------------------------------------------- the pieces, reached directly
+def test_settings_defaults_checks_and_the_resume_merge(tmp_path):
+    from pyro_genext.engine.settings import COMMON, INVOCATION, resume_settings
+
+    s = engine.default_settings(GAUSSIAN)
+    assert set(s) == {c.key for c in COMMON if c.key not in INVOCATION} | {"init_scale"}
+    assert (s["batch_size"], s["lr"], s["warmup"], s["init_scale"]) == (64, 1e-3, 0, 1.0)
+    assert engine.default_settings("realnvp")["warmup"] == 50  # the kind's default
+    for bad, needle in [({"lr": -1}, "--lr: expected a finite number > 0, got -1"),
+                        ({"batch_size": 2.5}, "--batch-size: expected a whole number >= 1"),
+                        ({"autocast": "fp8"}, "--autocast: unknown value 'fp8'"),
+                        ({"data": None}, "--data: a data set is required"),
+                        ({"steps": 3, "epochs": 1}, "not both")]:
+        with pytest.raises(ValueError, match=needle):
+            engine.check_settings({**s, "data": "moons", **bad})
+    saved = {"kind": "gaussian-test", "settings": {**s, "data": "moons", "steps": 10}}
+    merged = resume_settings(GAUSSIAN, {"epochs": 3, "device": "cpu", "init_scale": 1.0},
+                             saved, tmp_path)
+    assert (merged["steps"], merged["epochs"], merged["data"]) == (None, 3, "moons")
+    with pytest.raises(ValueError, match="--init-scale 2.0 differs from the checkpoint's 1.0"):
+        resume_settings(GAUSSIAN, {"init_scale": 2.0}, saved, tmp_path)
+    with pytest.raises(ValueError, match="trains 'gaussian-test', not 'nice'"):
+        resume_settings(engine.get_kind("nice"), {}, saved, tmp_path)
+
+
+def test_run_folder_rules(tmp_path):
+    from pyro_genext.engine.checkpoint import open_run_folder
+
+    out = tmp_path / "r"
+    open_run_folder(out, resume=None, overwrite=False)  # created
+    engine.save_checkpoint(out / "last.pt", {"step": 4, "best_step": 2})
+    (out / "last.pt.x1.tmp").write_bytes(b"")
+    with pytest.raises(engine.RunExistsError, match="--resume to continue it or --overwrite"):
+        open_run_folder(out, resume=None, overwrite=False)
+    open_run_folder(out, resume=None, overwrite=True, writer=False)  # another rank: no change
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "last.pt.x1.tmp"]
+    open_run_folder(out, resume={"step": 4, "best_step": 4}, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]  # best repaired
+    open_run_folder(out, resume=None, overwrite=True)
+    assert list(out.iterdir()) == []
+
+
+def _trainer(**settings):
+    s = {**engine.default_settings(GAUSSIAN), "data": "moons", "batch_size": 100, "lr": 0.01,
+         "init_scale": 2.0, **settings}
+    tr, va = load_dataset("moons", "train"), load_dataset("moons", "val")
+    return engine.Trainer(GAUSSIAN, s, tr, va, log=_quiet)
+
+
+def test_one_training_step_is_adams_first_update_on_the_clipped_gradient():
+    """The first step's loss is -mean log p of the first batch of the seeded permutation;
+    Adam's first update moves each entry by -lr g / (|g| + eps) (Kingma & Ba 2015, with
+    bias correction), g the gradient after clipping; with warm-up N the rate is lr / N."""
+    t = _trainer(warmup=4, clip_norm=0.5)
+    x = t.train_data.x[t.perm[:100]]
+    before = {k: v.detach().clone() for k, v in t.module.named_parameters()}
+    probe = Gaussian(2, 2.0)
+    probe.load_state_dict(t.module.state_dict())
+    expected = -probe.dist().log_prob(x).mean()
+    expected.backward()
+    loss = t.train_step()
+    assert t.step == 1 and torch.allclose(loss, expected.detach())
+    for name, p in probe.named_parameters():
+        g = p.grad * (0.5 / (p.grad.norm() + 1e-6)).clamp(max=1.0)
+        step = (0.01 / 4) * g / (g.abs() + 1e-8)
+        got = dict(t.module.named_parameters())[name].detach()
+        assert torch.allclose(got, before[name] - step, atol=1e-7), name
+
+
+def test_a_trainers_state_restores_into_a_fresh_trainer_bit_for_bit():
+    """state_dict() taken after 3 steps, loaded into a new trainer: both then take the same
+    steps (across epoch boundaries: 4 steps an epoch) and end equal."""
+    a = _trainer(batch_size=2500)
+    for _ in range(3):
+        a.train_step()
+    b = _trainer(batch_size=2500)
+    b.load_state_dict(a.state_dict())
+    assert b.step == 3 and torch.equal(b.perm, a.perm)
+    for _ in range(6):
+        a.train_step()
+        b.train_step()
+    _same_parameters(a.module, b.module)
+    assert (a.epoch, a.pos) == (b.epoch, b.pos) == (2, 2500)
+
+
+def test_dependencies_run_one_way():
+    """The engine's modules import only those before them in the documented order (the
+    core knows no concrete kind); the kinds import the core, never the loop or the
+    registry; the registry's one reference to the kinds is made when a name is asked for."""
+    import ast
+    from pathlib import Path
+
+    root = Path(engine.__file__).parent
+    order = ["kind", "settings", "checkpoint", "step", "validation", "progress", "registry",
+             "trainer"]
+
+    def imports(path: Path, top_level_only: bool) -> set[str]:
+        tree = ast.parse(path.read_text())
+        nodes = tree.body if top_level_only else list(ast.walk(tree))
+        found = set()
+        for node in nodes:
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                found.add("." * node.level + node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level:  # from . import x
+                found.update("." * node.level + a.name for a in node.names)
+        return found
+
+    for i, name in enumerate(order):
+        own = {m.lstrip(".") for m in imports(root / f"{name}.py", False) if m.startswith(".") and
+               not m.startswith("..")}
+        assert own <= set(order[:i]), (name, own - set(order[:i]))
+        upward = {m for m in imports(root / f"{name}.py", True) if "kinds" in m}
+        assert not upward, (name, upward)
+    assert "..kinds" in imports(root / "registry.py", False)  # inside kinds(), at call time
+    for kind_file in (root.parent / "kinds").glob("*.py"):
+        engine_imports = {m for m in imports(kind_file, False) if m.startswith("..engine")}
+        assert engine_imports <= {"..engine.kind", "..engine.settings", "..engine.validation"}, \
+            (kind_file.name, engine_imports)

@@ -60,7 +60,9 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from ..data import Dataset, binarize, intensities
-from ..engine import ModelKind, per_example_metrics, positive_float, positive_int, register, split_seed
+from ..engine.kind import ModelKind
+from ..engine.settings import positive_float, positive_int
+from ..engine.validation import per_example_metrics, split_seed
 from ..models import VAE, ImportanceWeightedELBO
 
 __all__ = ["build", "loss", "prepare", "VAE_KIND"]
@@ -260,4 +262,3 @@ VAE_KIND = ModelKind(
     default_threads=1,
     progress=progress,
 )
-register(VAE_KIND)
