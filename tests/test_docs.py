@@ -49,13 +49,18 @@ def test_the_readme_has_a_python_snippet():
 @pytest.mark.parametrize("name,code", SNIPPETS, ids=[name for name, _ in SNIPPETS])
 def test_snippet_runs_as_written(name, code, tmp_path, monkeypatch):
     from pyro_genext.data import DatasetNotFoundError
+    from pyro_genext.engine import kinds, unregister
 
     monkeypatch.chdir(tmp_path)
+    known = set(kinds())
     start = time.process_time()
     try:
         exec(compile(code, name, "exec"), {"__name__": "__snippet__"})
     except DatasetNotFoundError as e:  # Fashion-MNIST is not on every machine
         pytest.skip(f"{name} needs data that is not installed: {str(e).splitlines()[0]}")
+    finally:
+        for added in set(kinds()) - known:  # a snippet that registers a kind
+            unregister(added)
     took = time.process_time() - start
     assert took < 20, f"{name} took {took:.1f} s"
 
