@@ -154,6 +154,8 @@ def test_fit_refuses_unknown_settings_and_batch_too_large():
         engine.fit("realnvp", {"data": "moons", "hiden": 3})
     with pytest.raises(ValueError, match="larger than the training split"):
         engine.fit("nice", {"data": "moons", "batch_size": 20000}, progress=False)
+    with pytest.raises(ValueError, match="every: expected a whole number >= 1"):
+        engine.fit("nice", {"data": "moons"}, callback=print, every=0)
 
 
 def test_a_kinds_own_evaluate_and_sample_flags_reach_it(tmp_path, capsys):

@@ -204,9 +204,8 @@ class Trainer:
     def next_batch(self) -> torch.Tensor:
         """The next training batch (this rank's share), prepared; a new epoch draws a new
         permutation when the current one cannot fill a batch."""
-        n = len(self.train_data)
-        if self.pos + self.batch > n:
-            self.perm = torch.randperm(n, generator=self.gen)
+        if self.end_of_epoch:
+            self.perm = torch.randperm(len(self.train_data), generator=self.gen)
             self.pos = 0
             self.epoch += 1
         idx = distributed.shard(self.perm[self.pos : self.pos + self.batch], self.ctx)
@@ -215,6 +214,11 @@ class Trainer:
             pyro.set_rng_seed(distributed.stream_seed(self.seed, self.ctx.rank, self.step + 1))
         return self.kind.prepare(self.module, self.x_train[idx.to(self.device)],
                                  self._stream(self.step + 1))
+
+    @property
+    def end_of_epoch(self) -> bool:
+        """Whether the current permutation cannot fill another batch."""
+        return self.pos + self.batch > len(self.train_data)
 
     def train_step(self) -> torch.Tensor:
         """One optimiser step on the next batch; returns its loss per example (detached,
@@ -291,6 +295,7 @@ class Trainer:
 
     def save(self, state: Mapping[str, Any] | None = None) -> None:
         """Write ``last.pt`` (rank 0; nothing without a run folder)."""
+        self.flush()
         if self.out is None or not self.ctx.is_main:
             return
         state = self.state_dict() if state is None else state
@@ -315,7 +320,6 @@ class Trainer:
         if progress:
             self.progress.open_bar(self.total_steps, self.step)
         checkpoint_every = int(self.settings["checkpoint_every"])
-        n = len(self.train_data)
         self.module.train()
         try:
             # the splits were validated once, when they were loaded
@@ -324,16 +328,14 @@ class Trainer:
                     callback(self)
                 while self.step < self.total_steps:
                     self.train_step()
-                    if self.pos + self.batch > n or self.step == self.total_steps:
+                    if self.end_of_epoch or self.step == self.total_steps:
                         self.validate()
-                    elif self.out is not None and self.step % checkpoint_every == 0:
-                        self.flush()
+                    elif self.step % checkpoint_every == 0:
                         self.save()
                     if callback is not None and self.step % every == 0:
                         self.flush()
                         callback(self)
                     if stop[0]:  # Ctrl-C, at a step boundary: the state is consistent
-                        self.flush()
                         if self.saved_step != self.step:
                             self.save()
                         raise KeyboardInterrupt
@@ -388,6 +390,8 @@ def fit(
         ``module`` the model after the last step (the best one is in ``out/best.pt``).
     """
     k = get_kind(kind)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every: expected a whole number >= 1 of steps between callbacks, got {every!r}")
     outp = Path(out) if out is not None else None
     state = resume_state(outp) if resume else None
     if state is not None and outp is not None:
