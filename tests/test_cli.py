@@ -23,19 +23,19 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_train_evaluate_sample_end_to_end(tmp_path):
+def test_train_evaluate_sample_end_to_end(tmp_path, capsys):
+    """train as a separate process (the console entry point), then evaluate and sample its
+    run (in this process: a new interpreter costs seconds and proves nothing more)."""
     out = tmp_path / "run"
     r = run("train", "realnvp", "--data", "moons", "--steps", "40", "--out", str(out), *SMALL)
     assert r.returncode == 0, r.stderr
     assert (out / "best.pt").exists() and (out / "last.pt").exists()
-    r = run("evaluate", str(out), "--json")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    assert main(["evaluate", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"bits_per_dim", "split", "step"}
     assert 0 < result["bits_per_dim"] < 10
     png = tmp_path / "s.png"
-    r = run("sample", str(out), "--num", "100", "--out", str(png))
-    assert r.returncode == 0, r.stderr
+    assert main(["sample", str(out), "--num", "100", "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
 
 
