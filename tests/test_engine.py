@@ -484,3 +484,25 @@ def test_dependencies_run_one_way():
         engine_imports = {m for m in imports(kind_file, False) if m.startswith("..engine")}
         assert engine_imports <= {"..engine.kind", "..engine.settings", "..engine.validation"}, \
             (kind_file.name, engine_imports)
+
+
+def test_a_kinds_flags_may_live_in_argument_groups():
+    """A kind's add_arguments hook may use groups: their defaults are still settings
+    defaults, and the parsed namespace still holds only the flags given."""
+    from pyro_genext.engine.settings import SettingsParser
+
+    def add(p):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--kl-warmup", type=int, default=0, help="KL warm-up steps")
+        g.add_argument("--free-bits", type=float, default=0.0, help="nats per latent")
+        p.add_argument_group("prior").add_argument("--prior-flow", default="none", help="the prior")
+
+    kind = dataclasses.replace(GAUSSIAN, add_arguments=add)
+    s = engine.default_settings(kind)
+    assert (s["kl_warmup"], s["free_bits"], s["prior_flow"]) == (0, 0.0, "none")
+    p = SettingsParser()
+    engine.add_train_arguments(p, kind)
+    assert vars(p.parse_args(["--free-bits", "0.5", "--lr", "0.01"])) == {"free_bits": 0.5,
+                                                                          "lr": 0.01}
+    shown = " ".join(p.format_help().split())
+    assert "KL warm-up steps (default: 0)" in shown and "the prior (default: 'none')" in shown

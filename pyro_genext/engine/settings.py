@@ -165,6 +165,23 @@ class SettingsParser(argparse.ArgumentParser):
         self.added.append(action)
         return action
 
+    def _recording(self, group: Any) -> Any:
+        add = group.add_argument
+
+        def add_argument(*args: Any, **kwargs: Any) -> argparse.Action:
+            action = add(*args, **kwargs)
+            self.added.append(action)
+            return action
+
+        setattr(group, "add_argument", add_argument)  # noqa: B010  (the group's own method)
+        return group
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        return self._recording(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, *args: Any, **kwargs: Any) -> Any:
+        return self._recording(super().add_mutually_exclusive_group(*args, **kwargs))
+
     @staticmethod
     def _shows_default(action: argparse.Action) -> None:
         help_, default = action.help, action.default
@@ -213,8 +230,8 @@ def _add_common(p: argparse.ArgumentParser, kind: ModelKind) -> list[argparse.Ac
 def add_train_arguments(p: SettingsParser, kind: ModelKind) -> dict[str, Any]:
     """Add the engine's common ``train`` flags and ``kind``'s own to ``p``; return every
     setting's default (the parsed namespace then holds only explicitly given flags). A
-    kind adds its flags with ``p.add_argument`` (not inside argument groups, whose
-    defaults could not be told from given values)."""
+    kind adds its flags with ``p.add_argument``, ``p.add_argument_group(...).add_argument``
+    or ``p.add_mutually_exclusive_group(...).add_argument``."""
     common = _add_common(p, kind)
     p.suppress_defaults(common)
     scratch = argparse.ArgumentParser(add_help=False)
@@ -229,8 +246,8 @@ def add_train_arguments(p: SettingsParser, kind: ModelKind) -> dict[str, Any]:
     p.suppress_defaults(list(p.added))
     hidden = sorted(set(own) - set(p.defaults))
     if hidden:
-        raise ValueError(f"model {kind.name!r} adds {', '.join(flag(k) for k in hidden)} inside "
-                         f"an argument group; add its flags with parser.add_argument")
+        raise ValueError(f"model {kind.name!r} adds {', '.join(flag(k) for k in hidden)} in a way "
+                         f"this parser cannot see; add its flags with parser.add_argument")
     return dict(p.defaults)
 
 
