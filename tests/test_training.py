@@ -96,7 +96,7 @@ def test_maximum_likelihood_improves_the_fit(recipe, shape):
     a = torch.randn(d, d, generator=g) / math.sqrt(d) + 0.5 * torch.eye(d)
     data = (torch.randn(256, d, generator=g) @ a.T * 0.3 + 1.0).reshape((256,) + shape)
     flow = recipe()
-    nll0, nll1 = _fit(flow, data, steps=200, lr=3e-3, batch=64)
+    nll0, nll1 = _fit(flow, data, steps=100, lr=3e-3, batch=64)  # both gain > 2 nats by step 100
     flow.eval()
     assert nll1 < nll0 - 1.0, (nll0, nll1)
 
