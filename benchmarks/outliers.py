@@ -1,9 +1,8 @@
 """Outlier images early in training: the worst validation image, step by step.
 
-Trains a RealNVP through the training engine's own pieces (the kind's ``build``,
-``prepare`` and ``initialize``, :class:`~pyro_genext.engine.Objective`, Adam with the
-engine's per-tensor clipping, the engine's batch order) and validates on the first
-``--val`` validation images after every one of the first ``--dense`` steps, then every
+Trains a RealNVP with the training engine (:func:`~pyro_genext.engine.fit`, validating
+on the first ``--val`` validation images) and, through a callback after every step,
+scores those images after every one of the first ``--dense`` steps, then every
 ``--every`` steps and at the last. Per log-scale bound and seed it prints
 
 * the worst image over the whole run (bits/dim) and the step it was seen at, beside the
@@ -40,17 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
-import pyro  # noqa: E402
-
-from pyro_genext.checks import data_checks  # noqa: E402
-from pyro_genext.data import load_dataset  # noqa: E402
-from pyro_genext.engine import (  # noqa: E402
-    Objective,
-    clip_per_tensor,
-    default_settings,
-    get_kind,
-    per_example_metrics,
-)
+from pyro_genext.data import Dataset, load_dataset  # noqa: E402
+from pyro_genext.engine import Trainer, fit  # noqa: E402
 
 
 def parse_bound(text: str) -> float | tuple[float, float]:
@@ -65,68 +55,43 @@ def parse_bound(text: str) -> float | tuple[float, float]:
 def run(data: str, variant: tuple[Any, float], seed: int, args: argparse.Namespace,
         tr: Any, va: Any, te: Any) -> dict[str, Any]:
     bound, input_bound = variant
-    k = get_kind("realnvp")
-    s = {**default_settings(k), "data": data, "seed": seed, "scale_bound": bound,
-         "input_bound": input_bound,
+    s = {"data": data, "seed": seed, "scale_bound": bound, "input_bound": input_bound,
          "hidden": args.hidden, "num_blocks": args.num_blocks, "batch_size": args.batch,
-         "lr": args.lr}
-    pyro.set_rng_seed(seed)
-    pyro.clear_param_store()
-    module: Any = k.build(s, tr)
-    objective = Objective(module, k.loss(s))
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=args.lr)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(tr)
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
+         "lr": args.lr, "warmup": args.warmup, "steps": args.steps}
     xv = va.x[: args.val]
-    d = math.prod(module.event_shape) * math.log(2)
-    module.train()
-    with torch.no_grad():
-        x0 = k.prepare(module, tr.x[perm[: args.batch]], torch.Generator().manual_seed(seed))
-    k.initialize(module, x0)
     history: list[dict[str, float]] = []
-    worst_train = -math.inf
+    worst_train = [-math.inf]
+    module: list[Any] = []
+
+    def watch(t: Trainer) -> None:
+        if t.step:  # the latest training loss, in bits/dim of the batch mean
+            d = math.prod(t.module.event_shape) * math.log(2)
+            worst_train[0] = max(worst_train[0], t.last_loss / d)
+        if t.step <= args.dense or t.step % args.every == 0 or t.step == args.steps:
+            v = t.scores(xv)["bpd"].double()
+            history.append({"step": t.step, "mean": float(v.mean()), "median": float(v.median()),
+                            "worst": float(v.max())})
+        module[:] = [t.module]
+
     start = time.perf_counter()
-
-    def validate(step: int) -> None:
-        v = per_example_metrics(k, module, xv, seed, "val")["bpd"].double()
-        history.append({"step": step, "mean": float(v.mean()), "median": float(v.median()),
-                        "worst": float(v.max())})
-
-    validate(0)
-    with data_checks(False):
-        for step in range(1, args.steps + 1):
-            if pos + args.batch > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            xb = k.prepare(module, tr.x[perm[pos : pos + args.batch]], gen)
-            pos += args.batch
-            loss = objective(xb)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                history.append({"step": step, "mean": math.nan, "median": math.nan,
-                                "worst": math.nan})
-                break
-            worst_train = max(worst_train, value / d)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            clip_per_tensor(params, 10.0)
-            if args.warmup:  # as the engine's --warmup
-                for group in opt.param_groups:
-                    group["lr"] = args.lr * min(1.0, step / args.warmup)
-            opt.step()
-            if step <= args.dense or step % args.every == 0 or step == args.steps:
-                validate(step)
+    small_val = Dataset(name=va.name, x=xv, y=None, levels=va.levels, split="val")
+    try:
+        fit("realnvp", s, train_data=tr, val_data=small_val, callback=watch, every=1,
+            progress=False, log=lambda line: None)
+    except FloatingPointError:  # a diverged run: recorded, not fatal to the table
+        history.append({"step": len(history), "mean": math.nan, "median": math.nan,
+                        "worst": math.nan})
     wall = time.perf_counter() - start
     peak = max(history, key=lambda h: h["worst"] if math.isfinite(h["worst"]) else math.inf)
     late = [h["worst"] for h in history if h["step"] > args.dense]
     out = {"variant": variant, "seed": seed, "worst": peak["worst"], "worst_step": peak["step"],
            "median_then": peak["median"], "worst_late": max(late) if late else math.nan,
-           "worst_train": worst_train, "final": history[-1], "wall_s": wall,
+           "worst_train": worst_train[0], "final": history[-1], "wall_s": wall,
            "history": history}
     if te is not None:
-        t = per_example_metrics(k, module, te.x, seed, "test")["bpd"].double()
+        from pyro_genext.engine import get_kind, per_example_metrics
+
+        t = per_example_metrics(get_kind("realnvp"), module[0], te.x, seed, "test")["bpd"].double()
         out["test"] = {"mean": float(t.mean()), "median": float(t.median()),
                        "worst": float(t.max())}
     return out

@@ -22,11 +22,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 
 from .engine import nonneg_int, positive_int
+from .engine.settings import SettingsParser
 
 __all__ = ["main", "build_parser"]
 
@@ -46,11 +47,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _TrainParser(SettingsParser, _Parser):
+    """``train MODEL``: the namespace holds only the flags given (see SettingsParser)."""
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags evaluate and sample share: which run, where its data are, how to compute."""
     p.add_argument("run", type=Path, help="a training run folder or checkpoint file")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="which checkpoint of a run folder (default: best)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="which checkpoint of a run folder (default: best.pt, or last.pt for a "
+                        "run stopped before its first validation)")
     p.add_argument("--root", default=None, help="folder holding the data files (default: the run's)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: the model's fastest)")
@@ -71,49 +77,50 @@ def _add_sample_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=nonneg_int, default=0, help="seeds the draw (default: 0)")
 
 
-def _extras_epilog(attr: str) -> str:
-    from .engine import KINDS
+def _add_kinds_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """Every kind's own flags of ``command``, one group per kind, so that the run folder is
+    found wherever it stands among them (``evaluate --num-samples 10 RUN``); once the
+    checkpoint names the kind, its flags alone are parsed again (:func:`_load_run`). ``p``
+    resolves a flag two kinds share by keeping the later one: here only its arity counts."""
+    from .engine import kinds
 
-    lines = []
-    for name, kind in KINDS.items():
-        add = getattr(kind, attr)
-        if add is None:
-            continue
-        q = argparse.ArgumentParser(add_help=False)
-        add(q)
-        flags = ", ".join(a.option_strings[0] if a.option_strings else a.dest for a in q._actions)
-        lines.append(f"  {name}: {flags}")
-    return ("flags of a model kind, for runs of that kind:\n" + "\n".join(lines)) if lines else ""
+    for name, kind in kinds().items():
+        add = getattr(kind, f"add_{command}_arguments")
+        if add is not None:  # a group takes the same add_argument calls as a parser
+            add(cast(argparse.ArgumentParser, p.add_argument_group(f"flags of {name} runs")))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (``train`` has one sub-command per registered model kind)."""
     from . import __version__
-    from .engine import KINDS, add_train_arguments, get_kind
+    from .engine import add_train_arguments, kinds
 
-    get_kind("realnvp")  # registers the built-in kinds
     p = _Parser(prog=PROG, description="Train, evaluate and sample deep generative models for Pyro.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (pyro-genext train MODEL --help for its flags)",
                        description="Train a model; MODEL --help lists its flags.")
-    models = t.add_subparsers(dest="model", required=True, parser_class=_Parser, metavar="MODEL")
-    for name, kind in KINDS.items():
+    models = t.add_subparsers(dest="model", required=True, parser_class=_TrainParser,
+                              metavar="MODEL")
+    for name, kind in kinds().items():
         m = models.add_parser(name, help=kind.summary, description=kind.summary)
         add_train_arguments(m, kind)
 
     e = sub.add_parser("evaluate", help="score a trained model on a split",
-                       epilog=_extras_epilog("add_evaluate_arguments"))
+                       conflict_handler="resolve")
     _add_evaluate_arguments(e)
-    s = sub.add_parser("sample", help="draw samples into a picture",
-                       epilog=_extras_epilog("add_sample_arguments"))
+    _add_kinds_arguments(e, "evaluate")
+    s = sub.add_parser("sample", help="draw samples into a picture", conflict_handler="resolve")
     _add_sample_arguments(s)
+    _add_kinds_arguments(s, "sample")
     return p
 
 
-def _checkpoint_path(run: Path, which: str) -> Path:
-    return run / f"{which}.pt" if run.is_dir() else run
+def _checkpoint_path(run: Path, which: str | None) -> Path:
+    if not run.is_dir() or which is None:  # load_checkpoint: a folder's best.pt, else last.pt
+        return run
+    return run / f"{which}.pt"
 
 
 def _set_threads(given: int | None, default: int) -> None:
@@ -121,7 +128,7 @@ def _set_threads(given: int | None, default: int) -> None:
 
 
 def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from .engine import INVOCATION, _check_settings, default_settings, describe_result, fit, get_kind
+    from .engine import INVOCATION, check_settings, default_settings, describe_result, fit, get_kind
 
     kind = get_kind(args.model)
     given = {k: v for k, v in vars(args).items() if k not in ("command", "model")}
@@ -133,7 +140,7 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         if "data" not in given:
             raise UsageError("the following arguments are required: --data")
         try:
-            _check_settings({**default_settings(kind), **given})
+            check_settings({**default_settings(kind), **given})
         except ValueError as e:
             raise UsageError(str(e)) from None
     _set_threads(control.get("threads"), kind.default_threads)
@@ -185,14 +192,16 @@ def _cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     data = load_dataset(s["data"], full.split, root=full.root or s.get("root"), seed=s["seed"])
     with torch.no_grad():
         scores = kind.evaluate(module, data, full)
-    result: dict[str, Any] = {**scores, "split": full.split, "data": s["data"], "model": kind.name,
-                              "step": state["step"], "num_examples": len(data)}
+    # num_examples: how many examples were scored (a kind that scores part of the split
+    # says so under this key)
+    result: dict[str, Any] = {"num_examples": len(data), **scores, "split": full.split,
+                              "data": s["data"], "model": kind.name, "step": state["step"]}
     if full.json:
         print(json.dumps(result))
     else:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in scores.items())
-        print(f"{kind.name} on {s['data']} ({full.split}, {len(data)} examples, "
+                          for k, v in scores.items() if k != "num_examples")
+        print(f"{kind.name} on {s['data']} ({full.split}, {result['num_examples']} examples, "
               f"step {state['step']}): {shown}")
     return 0
 
@@ -231,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted (the last checkpoint was saved)", file=sys.stderr)
+        print(f"{PROG}: interrupted (--resume continues from the last checkpoint)", file=sys.stderr)
         return 130
     except Exception as e:  # the whole message, no traceback
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
@@ -245,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _message(e: BaseException) -> str:
     """The exception's whole message (every line), prefixed by its type unless it is one of
     the errors whose message says everything."""
-    msg = str(e).strip() or type(e).__name__
+    msg = str(getattr(e, "command_line_message", None) or e).strip() or type(e).__name__
     return msg if isinstance(e, (ValueError, OSError, RuntimeError)) else f"{type(e).__name__}: {msg}"
 
 

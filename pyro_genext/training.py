@@ -32,10 +32,10 @@ from .engine import (
     fit,
     load_checkpoint,
     module_from_checkpoint,
+    per_example_metrics,
     save_checkpoint,
 )
 from .kinds import flows as _flows
-from .metrics import bits_per_dim
 from .models import FlowDensity
 from .transforms.elementwise import check_bound
 
@@ -78,7 +78,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the expected values, before any work."""
-        from .engine import _check_settings
+        from .engine import check_settings
 
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; expected one of {', '.join(MODELS)}")
@@ -93,7 +93,7 @@ class TrainConfig:
             raise ValueError("expected scale-bound > 0 or a pair (low, high), got None")
         if self.base not in (None, "normal", "logistic"):
             raise ValueError(f"expected base 'normal' or 'logistic', got {self.base!r}")
-        _check_settings({**default_settings(self.model), **self.settings()})
+        check_settings({**default_settings(self.model), **self.settings()})
 
     def settings(self) -> dict[str, Any]:
         """The engine settings of this run (those of its kind; ``None`` keeps a default)."""
@@ -111,21 +111,17 @@ def evaluate(
     density: FlowDensity, x: torch.Tensor, batch_size: int = 500, seed: int = 1234
 ) -> float:
     """Bits/dim of ``x`` under ``density``: one uniform dequantization draw per image from a
-    generator seeded with ``seed`` (so numbers are reproducible), averaged over the set."""
-    was_training = density.training
-    density.eval()
-    gen = torch.Generator().manual_seed(seed)
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i : i + batch_size].reshape((-1,) + tuple(density.event_shape))
-            if density.levels is not None:
-                xb = xb + torch.rand(xb.shape, generator=gen).to(xb)
-            lp = density.log_prob(xb, dequantize=False)
-            total += float(bits_per_dim(lp, density.event_shape).sum())
-            n += xb.shape[0]
-    density.train(was_training)
-    return total / max(n, 1)
+    generator seeded with ``seed`` (so numbers are reproducible), averaged over the set.
+
+    It is the engine's scoring loop, :func:`~pyro_genext.engine.per_example_metrics`; the
+    default seed, 1234, is the one the engine gives the training split of a run seeded 0
+    (:func:`~pyro_genext.engine.split_seed`), so ``evaluate(density, x)`` is the mean of
+    ``per_example_metrics(kind, density, x, 0, "train")["bpd"]``."""
+    if x.shape[0] == 0:
+        return 0.0
+    values = per_example_metrics(_flows.REALNVP, density, x, 0, "train", batch_size,
+                                 generator_seed=seed)
+    return float(values["bpd"].double().mean())
 
 
 def density_from_checkpoint(state: dict[str, Any]) -> tuple[FlowDensity, TrainConfig, Dataset]:

@@ -23,19 +23,19 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_train_evaluate_sample_end_to_end(tmp_path):
+def test_train_evaluate_sample_end_to_end(tmp_path, capsys):
+    """train as a separate process (the console entry point), then evaluate and sample its
+    run (in this process: a new interpreter costs seconds and proves nothing more)."""
     out = tmp_path / "run"
     r = run("train", "realnvp", "--data", "moons", "--steps", "40", "--out", str(out), *SMALL)
     assert r.returncode == 0, r.stderr
     assert (out / "best.pt").exists() and (out / "last.pt").exists()
-    r = run("evaluate", str(out), "--json")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    assert main(["evaluate", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"bits_per_dim", "split", "step"}
     assert 0 < result["bits_per_dim"] < 10
     png = tmp_path / "s.png"
-    r = run("sample", str(out), "--num", "100", "--out", str(png))
-    assert r.returncode == 0, r.stderr
+    assert main(["sample", str(out), "--num", "100", "--out", str(png)]) == 0
     assert png.stat().st_size > 1000
 
 
@@ -308,9 +308,9 @@ def test_validation_reports_median_and_worst_and_keeps_the_mean_for_best(tmp_pat
 def test_progress_figure_is_robust_to_one_spike():
     """Item 3: one step at 13 million does not move the running figure (the old running
     average, 0.98 r + 0.02 x, read 260000 after it and stayed above 400 for 300 steps)."""
-    from pyro_genext.engine import _Running
+    from pyro_genext.engine import RunningMedian
 
-    running = _Running()
+    running = RunningMedian()
     for _ in range(99):
         running.add(5.0)
     assert running.add(1.3e7) == 5.0
@@ -417,3 +417,75 @@ def test_checkpoint_of_another_format_gets_one_line(tmp_path, capsys):
     assert main(["evaluate", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert "checkpoint format 1 (written by pyro_genext 0.0.9)" in err and "\n" not in err
+
+
+# --------------------------------------------- what a user hit (issue 17), one test each
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    """An untrained tiny VAE run (a kind with evaluate flags of its own)."""
+    out = tmp_path_factory.mktemp("vae") / "v"
+    assert main(["train", "vae", "--data", "digits", "--steps", "0", "--z-dim", "2",
+                 "--hidden", "8", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_a_kinds_flags_may_come_before_the_run_folder(vae_run, capsys):
+    """`evaluate --num-samples 10 RUN --json` took 10 for the run folder."""
+    capsys.readouterr()
+    assert main(["evaluate", "--num-samples", "10", "--num-examples", "5", str(vae_run),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_samples"] == 10 and result["model"] == "vae"
+
+
+def test_evaluate_json_counts_the_evaluated_examples_under_one_name(vae_run, tmp_path, capsys):
+    """`num_examples` is the number of examples scored, in every kind (the VAE reported
+    the split's size there and the scored count under another key)."""
+    capsys.readouterr()
+    assert main(["evaluate", str(vae_run), "--num-samples", "2", "--num-examples", "20",
+                 "--json"]) == 0
+    vae = json.loads(capsys.readouterr().out)
+    assert vae["num_examples"] == 20 and "num_evaluated" not in vae
+    flow = tmp_path / "f"
+    assert main(_train(flow, "--steps", "0")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(flow), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 2000  # the moons test split
+
+
+def test_a_run_stopped_before_its_first_validation_evaluates_and_samples(tmp_path, capsys):
+    """A folder holding only last.pt: evaluate and sample use it (as load_checkpoint
+    documents); asking for best explicitly says it is missing."""
+    out = tmp_path / "r"
+    assert main(["train", "realnvp", "--data", "digits", "--steps", "0", "--out", str(out),
+                 *IMAGE]) == 0
+    (out / "best.pt").unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 0
+    assert main(["sample", str(out), "--num", "4", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["evaluate", str(out), "--checkpoint", "best"]) == 1
+    assert f"no checkpoint at {out / 'best.pt'}" in capsys.readouterr().err
+
+
+def test_missing_data_names_the_flag_on_the_command_line_and_the_argument_in_python(
+        tmp_path, monkeypatch, capsys):
+    import importlib
+
+    from pyro_genext.data import DatasetNotFoundError, load_dataset
+
+    mnist = importlib.import_module("pyro_genext.data.mnist")
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(mnist, "_download", offline)
+    monkeypatch.delenv("PYRO_GENEXT_DATA", raising=False)
+    monkeypatch.setenv("PYRO_GENEXT_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "realnvp", "--data", "mnist", "--out", str(tmp_path / "r"),
+                 "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "pass --root FOLDER" in err and "--root: not given" in err and "root=" not in err, err
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("mnist", "train")
+    assert "pass root=FOLDER" in str(e.value) and "--root" not in str(e.value)

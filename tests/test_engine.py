@@ -4,7 +4,11 @@ the command line without any change to the engine."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
+import signal
 
 import pyro
 import pyro.distributions as dist
@@ -94,7 +98,7 @@ GAUSSIAN = engine.ModelKind(
 def gaussian_kind():
     engine.register(GAUSSIAN)
     yield GAUSSIAN
-    del engine.KINDS[GAUSSIAN.name]
+    engine.unregister(GAUSSIAN.name)
 
 
 def test_a_third_kind_trains_evaluates_and_resumes_through_the_cli(tmp_path, capsys, gaussian_kind):
@@ -150,6 +154,8 @@ def test_fit_refuses_unknown_settings_and_batch_too_large():
         engine.fit("realnvp", {"data": "moons", "hiden": 3})
     with pytest.raises(ValueError, match="larger than the training split"):
         engine.fit("nice", {"data": "moons", "batch_size": 20000}, progress=False)
+    with pytest.raises(ValueError, match="every: expected a whole number >= 1"):
+        engine.fit("nice", {"data": "moons"}, callback=print, every=0)
 
 
 def test_a_kinds_own_evaluate_and_sample_flags_reach_it(tmp_path, capsys):
@@ -185,7 +191,7 @@ def test_a_kinds_own_evaluate_and_sample_flags_reach_it(tmp_path, capsys):
         assert main(["evaluate", str(flow), "--num-samples", "7"]) == 2
         assert "unrecognized arguments: --num-samples 7" in capsys.readouterr().err
     finally:
-        del engine.KINDS["gaussian-flags"]
+        engine.unregister("gaussian-flags")
 
 
 def test_warmup_raises_the_learning_rate_linearly_and_resumes_exactly(tmp_path, monkeypatch):
@@ -212,3 +218,291 @@ def test_warmup_raises_the_learning_rate_linearly_and_resumes_exactly(tmp_path, 
     assert seen == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
     for key, value in whole["module"].state_dict().items():
         assert torch.equal(value, resumed["module"].state_dict()[key]), key
+
+
+# ------------------------------------------- engine defects found in review (issue 17)
+def _quiet(line: str) -> None:
+    pass
+
+
+def _same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        assert torch.equal(value, sb[key]), key
+
+
+def test_ctrl_c_resumes_bit_exactly(tmp_path):
+    """Ctrl-C (SIGINT) in the middle of step 7 (while its batch is being prepared, after
+    the data position moved): the run finishes or forgets that step, saves last.pt and
+    raises KeyboardInterrupt; resuming from last.pt gives the uninterrupted run's
+    parameters bit for bit (the old snapshot held the moved position but not the step, so
+    the resumed run skipped a batch)."""
+    armed, calls = [False], [0]
+
+    def prepare(m, x, gen):
+        if m.training:  # training batches draw from the engine's training generator
+            calls[0] += 1
+            if armed[0] and calls[0] == 7:
+                os.kill(os.getpid(), signal.SIGINT)
+            return x + 0.01 * torch.randn(x.shape, generator=gen)
+        return x
+
+    kind = dataclasses.replace(GAUSSIAN, prepare=prepare)
+    settings = {"data": "moons", "steps": 12, "batch_size": 500, "lr": 0.05, "init_scale": 3.0}
+    straight = engine.fit(kind, settings, tmp_path / "a", progress=False, log=_quiet)
+    armed[0], calls[0] = True, 0
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(kind, settings, tmp_path / "b", progress=False, log=_quiet)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] in (6, 7)
+    armed[0] = False
+    resumed = engine.fit(kind, {"steps": 12}, tmp_path / "b", resume=True, progress=False,
+                         log=_quiet)
+    _same_parameters(straight["module"], resumed["module"])
+    assert straight["history"] == resumed["history"]
+
+
+def _nan_from(first_bad: int):
+    """GAUSSIAN whose training batches turn NaN from the ``first_bad``-th step on."""
+    calls = [0]
+
+    def prepare(m, x, gen):
+        if m.training:
+            calls[0] += 1
+            if calls[0] >= first_bad:
+                return x * math.nan
+        return x
+
+    return dataclasses.replace(GAUSSIAN, prepare=prepare)
+
+
+def test_a_nan_loss_names_a_checkpoint_only_when_one_exists(tmp_path):
+    settings = {"data": "moons", "steps": 10, "batch_size": 500, "init_scale": 1.0,
+                "checkpoint_every": 2}
+    with pytest.raises(FloatingPointError) as e:
+        engine.fit(_nan_from(1), settings, tmp_path / "a", progress=False, log=_quiet)
+    msg = str(e.value)
+    assert "at step 1" in msg and "no checkpoint was written" in msg and "last.pt" not in msg
+    assert not (tmp_path / "a" / "last.pt").exists()
+    with pytest.raises(FloatingPointError) as e:
+        engine.fit(_nan_from(6), settings, tmp_path / "b", progress=False, log=_quiet)
+    msg = str(e.value)
+    assert "at step 6" in msg and f"last checkpoint (step 4) is {tmp_path / 'b' / 'last.pt'}" in msg
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 4
+
+
+def test_resume_and_overwrite_remove_a_killed_runs_temporary_files(tmp_path):
+    """A process killed while writing a checkpoint leaves ``last.pt.<random>.tmp``:
+    --resume and --overwrite remove those (and only those)."""
+    out = tmp_path / "r"
+    settings = {"data": "moons", "steps": 2, "batch_size": 500}
+    engine.fit(GAUSSIAN, {**settings, "init_scale": 1.0}, out, progress=False, log=_quiet)
+    for mode in ("resume", "overwrite"):
+        stale = [out / "last.pt.k1ll3d.tmp", out / "best.pt.abc_12.tmp"]
+        for path in stale:
+            path.write_bytes(b"half a checkpoint")
+        keep = out / "notes.tmp"
+        keep.write_text("mine")
+        given = {"steps": 3} if mode == "resume" else {**settings, "init_scale": 1.0}
+        engine.fit(GAUSSIAN, given, out, progress=False, log=_quiet, **{mode: True})
+        assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
+
+
+def test_a_crash_between_the_two_checkpoint_writes_leaves_no_stale_best(tmp_path, monkeypatch):
+    """A validation that improves writes best.pt and last.pt; the process dies after the
+    first of the two. Resuming must agree with best.pt: the run's best step is the step of
+    the model in best.pt (the old order, best.pt first, left last.pt believing an older
+    best, which a resumed run could replace by a worse model)."""
+
+    class Crash(Exception):
+        pass
+
+    save, writes = torch.save, [0]
+
+    def crashing_save(obj, f, *args, **kwargs):
+        writes[0] += 1
+        if writes[0] == 4:  # the second file of the second validation (steps 4 and 8)
+            raise Crash
+        return save(obj, f, *args, **kwargs)
+
+    out = tmp_path / "r"
+    settings = {"data": "moons", "steps": 8, "batch_size": 2500, "lr": 0.05, "init_scale": 3.0}
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(Crash):
+        engine.fit(GAUSSIAN, settings, out, progress=False, log=_quiet)
+    monkeypatch.setattr(torch, "save", save)
+    at = torch.load(out / "last.pt", weights_only=False)["step"]
+    result = engine.fit(GAUSSIAN, {"steps": at}, out, resume=True, progress=False, log=_quiet)
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert result["best_step"] == best["step"] and result["best"] == best["best_summary"]
+
+
+def test_on_step_runs_right_before_each_loss_with_the_steps_taken(tmp_path):
+    """ModelKind.on_step(module, step, settings): before each training step's loss, after
+    the batch is prepared, with the number of optimiser steps already taken (0 first); a
+    resumed run continues the count. Not called for validation."""
+    events = []
+
+    class Recording(Gaussian):
+        def model(self, x):
+            if self.training:
+                events.append("loss")
+            super().model(x)
+
+    def prepare(m, x, gen):
+        if m.training:
+            events.append("prepare")
+        return x
+
+    kind = dataclasses.replace(
+        GAUSSIAN, build=lambda s, data: Recording(data.event_shape[0], s["init_scale"]),
+        prepare=prepare,
+        on_step=lambda m, step, s: events.append((step, s["init_scale"], m.training)))
+    settings = {"data": "moons", "steps": 3, "batch_size": 500, "init_scale": 2.0}
+    engine.fit(kind, settings, tmp_path / "r", progress=False, log=_quiet)
+    assert events == [e for k in range(3) for e in ("prepare", (k, 2.0, True), "loss")]
+    events.clear()
+    engine.fit(kind, {"steps": 5}, tmp_path / "r", resume=True, progress=False, log=_quiet)
+    assert [e[0] for e in events if isinstance(e, tuple)] == [3, 4]
+
+
+# ----------------------------------------------------- the pieces, reached directly
+def test_settings_defaults_checks_and_the_resume_merge(tmp_path):
+    from pyro_genext.engine.settings import COMMON, INVOCATION, resume_settings
+
+    s = engine.default_settings(GAUSSIAN)
+    assert set(s) == {c.key for c in COMMON if c.key not in INVOCATION} | {"init_scale"}
+    assert (s["batch_size"], s["lr"], s["warmup"], s["init_scale"]) == (64, 1e-3, 0, 1.0)
+    assert engine.default_settings("realnvp")["warmup"] == 50  # the kind's default
+    for bad, needle in [({"lr": -1}, "--lr: expected a finite number > 0, got -1"),
+                        ({"batch_size": 2.5}, "--batch-size: expected a whole number >= 1"),
+                        ({"autocast": "fp8"}, "--autocast: unknown value 'fp8'"),
+                        ({"data": None}, "--data: a data set is required"),
+                        ({"steps": 3, "epochs": 1}, "not both")]:
+        with pytest.raises(ValueError, match=needle):
+            engine.check_settings({**s, "data": "moons", **bad})
+    saved = {"kind": "gaussian-test", "settings": {**s, "data": "moons", "steps": 10}}
+    merged = resume_settings(GAUSSIAN, {"epochs": 3, "device": "cpu", "init_scale": 1.0},
+                             saved, tmp_path)
+    assert (merged["steps"], merged["epochs"], merged["data"]) == (None, 3, "moons")
+    with pytest.raises(ValueError, match="--init-scale 2.0 differs from the checkpoint's 1.0"):
+        resume_settings(GAUSSIAN, {"init_scale": 2.0}, saved, tmp_path)
+    with pytest.raises(ValueError, match="trains 'gaussian-test', not 'nice'"):
+        resume_settings(engine.get_kind("nice"), {}, saved, tmp_path)
+
+
+def test_run_folder_rules(tmp_path):
+    from pyro_genext.engine.checkpoint import open_run_folder
+
+    out = tmp_path / "r"
+    open_run_folder(out, resume=None, overwrite=False)  # created
+    engine.save_checkpoint(out / "last.pt", {"step": 4, "best_step": 2})
+    (out / "last.pt.x1.tmp").write_bytes(b"")
+    with pytest.raises(engine.RunExistsError, match="--resume to continue it or --overwrite"):
+        open_run_folder(out, resume=None, overwrite=False)
+    open_run_folder(out, resume=None, overwrite=True, writer=False)  # another rank: no change
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "last.pt.x1.tmp"]
+    open_run_folder(out, resume={"step": 4, "best_step": 4}, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]  # best repaired
+    open_run_folder(out, resume=None, overwrite=True)
+    assert list(out.iterdir()) == []
+
+
+def _trainer(**settings):
+    s = {**engine.default_settings(GAUSSIAN), "data": "moons", "batch_size": 100, "lr": 0.01,
+         "init_scale": 2.0, **settings}
+    tr, va = load_dataset("moons", "train"), load_dataset("moons", "val")
+    return engine.Trainer(GAUSSIAN, s, tr, va, log=_quiet)
+
+
+def test_one_training_step_is_adams_first_update_on_the_clipped_gradient():
+    """The first step's loss is -mean log p of the first batch of the seeded permutation;
+    Adam's first update moves each entry by -lr g / (|g| + eps) (Kingma & Ba 2015, with
+    bias correction), g the gradient after clipping; with warm-up N the rate is lr / N."""
+    t = _trainer(warmup=4, clip_norm=0.5)
+    x = t.train_data.x[t.perm[:100]]
+    before = {k: v.detach().clone() for k, v in t.module.named_parameters()}
+    probe = Gaussian(2, 2.0)
+    probe.load_state_dict(t.module.state_dict())
+    expected = -probe.dist().log_prob(x).mean()
+    expected.backward()
+    loss = t.train_step()
+    assert t.step == 1 and torch.allclose(loss, expected.detach())
+    for name, p in probe.named_parameters():
+        g = p.grad * (0.5 / (p.grad.norm() + 1e-6)).clamp(max=1.0)
+        step = (0.01 / 4) * g / (g.abs() + 1e-8)
+        got = dict(t.module.named_parameters())[name].detach()
+        assert torch.allclose(got, before[name] - step, atol=1e-7), name
+
+
+def test_a_trainers_state_restores_into_a_fresh_trainer_bit_for_bit():
+    """state_dict() taken after 3 steps, loaded into a new trainer: both then take the same
+    steps (across epoch boundaries: 4 steps an epoch) and end equal."""
+    a = _trainer(batch_size=2500)
+    for _ in range(3):
+        a.train_step()
+    b = _trainer(batch_size=2500)
+    b.load_state_dict(a.state_dict())
+    assert b.step == 3 and torch.equal(b.perm, a.perm)
+    for _ in range(6):
+        a.train_step()
+        b.train_step()
+    _same_parameters(a.module, b.module)
+    assert (a.epoch, a.pos) == (b.epoch, b.pos) == (2, 2500)
+
+
+def test_dependencies_run_one_way():
+    """The engine's modules import only those before them in the documented order (the
+    core knows no concrete kind); the kinds import the core, never the loop or the
+    registry; the registry's one reference to the kinds is made when a name is asked for."""
+    import ast
+    from pathlib import Path
+
+    root = Path(engine.__file__).parent
+    order = ["kind", "settings", "checkpoint", "step", "validation", "progress", "registry",
+             "trainer"]
+
+    def imports(path: Path, top_level_only: bool) -> set[str]:
+        tree = ast.parse(path.read_text())
+        nodes = tree.body if top_level_only else list(ast.walk(tree))
+        found = set()
+        for node in nodes:
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                found.add("." * node.level + node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level:  # from . import x
+                found.update("." * node.level + a.name for a in node.names)
+        return found
+
+    for i, name in enumerate(order):
+        own = {m.lstrip(".") for m in imports(root / f"{name}.py", False) if m.startswith(".") and
+               not m.startswith("..")}
+        assert own <= set(order[:i]), (name, own - set(order[:i]))
+        upward = {m for m in imports(root / f"{name}.py", True) if "kinds" in m}
+        assert not upward, (name, upward)
+    assert "..kinds" in imports(root / "registry.py", False)  # inside kinds(), at call time
+    for kind_file in (root.parent / "kinds").glob("*.py"):
+        engine_imports = {m for m in imports(kind_file, False) if m.startswith("..engine")}
+        assert engine_imports <= {"..engine.kind", "..engine.settings", "..engine.validation"}, \
+            (kind_file.name, engine_imports)
+
+
+def test_a_kinds_flags_may_live_in_argument_groups():
+    """A kind's add_arguments hook may use groups: their defaults are still settings
+    defaults, and the parsed namespace still holds only the flags given."""
+    from pyro_genext.engine.settings import SettingsParser
+
+    def add(p):
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--kl-warmup", type=int, default=0, help="KL warm-up steps")
+        g.add_argument("--free-bits", type=float, default=0.0, help="nats per latent")
+        p.add_argument_group("prior").add_argument("--prior-flow", default="none", help="the prior")
+
+    kind = dataclasses.replace(GAUSSIAN, add_arguments=add)
+    s = engine.default_settings(kind)
+    assert (s["kl_warmup"], s["free_bits"], s["prior_flow"]) == (0, 0.0, "none")
+    p = SettingsParser()
+    engine.add_train_arguments(p, kind)
+    assert vars(p.parse_args(["--free-bits", "0.5", "--lr", "0.01"])) == {"free_bits": 0.5,
+                                                                          "lr": 0.01}
+    shown = " ".join(p.format_help().split())
+    assert "KL warm-up steps (default: 0)" in shown and "the prior (default: 'none')" in shown

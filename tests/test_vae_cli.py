@@ -30,7 +30,7 @@ def test_train_evaluate_sample(tmp_path, capsys):
     assert main(["evaluate", str(out), "--num-samples", "50", "--num-examples", "40", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"elbo", "iwae", "num_samples"} <= set(result)
-    assert result["num_samples"] == 50 and result["num_evaluated"] == 40
+    assert result["num_samples"] == 50 and result["num_examples"] == 40
     assert -64 * 0.7 < result["elbo"] < result["iwae"] < 0  # nats per example: IWAE is tighter
     png = tmp_path / "s.png"
     assert main(["sample", str(out), "--num", "16", "--out", str(png), "--latent"]) == 0

@@ -112,9 +112,19 @@ _OFFICIAL = {
 }
 
 
+#: How the messages name the ``root`` argument (the command line says ``--root`` instead).
+ROOT_LABEL = "root= argument"
+
+
 class DatasetNotFoundError(RuntimeError):
     """The files of a data set are in none of the places looked and could not be
-    downloaded. The message lists the places and the ways to fix it."""
+    downloaded. The message lists the places and the ways to fix it, naming the ``root=``
+    argument; :attr:`command_line_message` says the same with the ``--root`` flag (what
+    the command line prints)."""
+
+    def __init__(self, message: str, command_line_message: str | None = None) -> None:
+        super().__init__(message)
+        self.command_line_message = command_line_message or message
 
 
 class ChecksumError(ValueError):
@@ -154,7 +164,7 @@ def _local_places(name: str, root: str | os.PathLike[str] | None) -> list[tuple[
     places: list[tuple[str, Path]] = []
     if root is not None:
         folder = Path(root).expanduser()
-        places += [("root= argument", folder), ("root= argument", folder / name)]
+        places += [(ROOT_LABEL, folder), (ROOT_LABEL, folder / name)]
     env = os.environ.get(DATA_ENV)
     if env:
         folder = Path(env).expanduser()
@@ -255,17 +265,21 @@ def find_files(
         except OSError as error:
             attempts = "\n".join(f"  - {line}" for line in str(error).splitlines())
 
-    unset = [] if root is not None else [("root= argument", "not given")]
-    unset += [] if os.environ.get(DATA_ENV) else [(f"${DATA_ENV}", "not set")]
-    looked = "\n".join(f"  - {label}: {where}" for label, where in [*unset, *places])
-    fixes = ["pass root=FOLDER holding the files", f"set {DATA_ENV}=FOLDER"]
-    if source.system_hint:
-        fixes.insert(0, source.system_hint)
-    raise DatasetNotFoundError(
-        f"{name} ({split} split) not found: looked for {' and '.join(f'{s}[.gz]' for s in stems)} in\n"
-        f"{looked}\nand the download failed:\n{attempts}\n"
-        f"To fix it: {'; or '.join(fixes)}."
-    )
+    def message(root_label: str, root_fix: str) -> str:
+        unset = [] if root is not None else [(root_label, "not given")]
+        unset += [] if os.environ.get(DATA_ENV) else [(f"${DATA_ENV}", "not set")]
+        listed = [(root_label if label == ROOT_LABEL else label, where) for label, where in places]
+        looked = "\n".join(f"  - {label}: {where}" for label, where in [*unset, *listed])
+        fixes = [f"pass {root_fix} holding the files", f"set {DATA_ENV}=FOLDER"]
+        if source.system_hint:
+            fixes.insert(0, source.system_hint)
+        return (
+            f"{name} ({split} split) not found: looked for "
+            f"{' and '.join(f'{s}[.gz]' for s in stems)} in\n{looked}\nand the download "
+            f"failed:\n{attempts}\nTo fix it: {'; or '.join(fixes)}."
+        )
+
+    raise DatasetNotFoundError(message(ROOT_LABEL, "root=FOLDER"), message("--root", "--root FOLDER"))
 
 
 def _read_checked(

@@ -1,5 +1,11 @@
-"""The model kinds the engine trains, one module per family; importing a module registers
-its kinds in :data:`pyro_genext.engine.KINDS` (one import line per model file)."""
+"""The model kinds the engine trains, one module per family, and :data:`BUILTIN`, the
+tuple of them that :func:`pyro_genext.engine.kinds` lists. Each module imports the
+engine's core; nothing here registers anything by being imported."""
 
-from . import flows  # noqa: F401  (nice, realnvp)
-from .vae import VAE_KIND  # noqa: F401  (vae)
+from .flows import NICE, REALNVP
+from .vae import VAE_KIND
+
+__all__ = ["BUILTIN", "NICE", "REALNVP", "VAE_KIND"]
+
+#: The built-in kinds: ``nice``, ``realnvp``, ``vae``.
+BUILTIN = (NICE, REALNVP, VAE_KIND)

@@ -30,7 +30,9 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from ..data import Dataset
-from ..engine import ModelKind, nonneg_float, positive_int, register
+from ..engine.kind import ModelKind
+from ..engine.settings import nonneg_float, positive_int
+from ..engine.validation import per_example_metrics, summarize
 from ..flows import IMAGE_INPUT_BOUND, nice, realnvp
 from ..metrics import bits_per_dim
 from ..models import FlowDensity
@@ -160,9 +162,8 @@ def progress(m: Any, loss: float) -> tuple[str, float]:
 
 def evaluate(m: Any, data: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     """Bits/dim of a split: mean, median and worst image."""
-    from ..engine import per_example_metrics, summarize
-
-    values = per_example_metrics(args.kind, m, data.x, args.settings["seed"], data.split or "test")
+    kind = NICE if args.kind == "nice" else REALNVP  # the same prepare and metrics
+    values = per_example_metrics(kind, m, data.x, args.settings["seed"], data.split or "test")
     summary = summarize(values)
     return {"bits_per_dim": summary["bpd_mean"], "bits_per_dim_median": summary["bpd_median"],
             "bits_per_dim_worst": summary["bpd_worst"]}
@@ -191,5 +192,3 @@ def _kind(name: str, summary: str, add: Any) -> ModelKind:
 NICE = _kind("nice", "NICE: additive couplings and a diagonal scaling (Dinh et al. 2014)", _add_nice)
 REALNVP = _kind("realnvp", "RealNVP: affine couplings, multi-scale for images (Dinh et al. 2016)",
                 _add_realnvp)
-register(NICE)
-register(REALNVP)

@@ -60,7 +60,9 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from ..data import Dataset, binarize, intensities
-from ..engine import ModelKind, per_example_metrics, positive_float, positive_int, register, split_seed
+from ..engine.kind import ModelKind
+from ..engine.settings import positive_float, positive_int
+from ..engine.validation import per_example_metrics, split_seed
 from ..models import VAE, ImportanceWeightedELBO
 
 __all__ = ["build", "loss", "prepare", "VAE_KIND"]
@@ -208,7 +210,7 @@ def evaluate(m: Any, data: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     values = per_example_metrics(scoring, m, x, args.settings["seed"], data.split or "test")
     elbo, iwae = values["elbo"].double(), values["iwae"].double()
     return {"elbo": float(elbo.mean()), "iwae": float(iwae.mean()), "num_samples": k,
-            "elbo_particles": p, "num_evaluated": int(x.shape[0]),
+            "elbo_particles": p, "num_examples": int(x.shape[0]),
             "gap": float((iwae - elbo).mean())}
 
 
@@ -260,4 +262,3 @@ VAE_KIND = ModelKind(
     default_threads=1,
     progress=progress,
 )
-register(VAE_KIND)
