@@ -157,7 +157,9 @@ class ModelKind:
     raises ``ValueError`` for a split the model cannot take (NaN, values out of range); the
     engine calls it once per split when the data are loaded and then trains inside
     :func:`~pyro_genext.checks.data_checks` ``(False)``, so no step reads values back to
-    the host.
+    the host. ``on_step`` (optional) is called as ``on_step(module, step, settings)`` right
+    before each training step's loss, ``step`` the number of optimiser steps already taken
+    (0-based), e.g. to set a schedule that is a function of the step alone.
     """
 
     name: str
@@ -176,6 +178,7 @@ class ModelKind:
     default_warmup: int = 0
     progress: Callable[[PyroModule, float], tuple[str, float]] | None = None
     check_data: Callable[[PyroModule, torch.Tensor], None] | None = None
+    on_step: Callable[[PyroModule, int, dict[str, Any]], None] | None = None
 
 
 KINDS: dict[str, ModelKind] = {}
@@ -869,6 +872,8 @@ def fit(
             if ctx.distributed:  # per-rank random streams, a function of (seed, rank, step)
                 pyro.set_rng_seed(distributed.stream_seed(seed, ctx.rank, step + 1))
             xb = k.prepare(module, x_train[idx.to(device)], _stream(gen, ctx, seed, step + 1))
+            if k.on_step is not None:
+                k.on_step(module, step, s)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = step_module(xb)
             pending.append(loss.detach())

@@ -430,3 +430,130 @@ def test_methods_under_no_grad_and_inference_mode(context, flow):
             inside = call()
         assert torch.allclose(inside, plain[name]), name
         inside + torch.ones_like(inside, requires_grad=True)  # usable outside the context
+
+
+# ----------------------------------------------------------------------------- KL warm-up, free bits
+def test_kl_weight_scales_the_closed_form_kl_and_the_monte_carlo_kl():
+    """loss(beta) = -E log p(x|z) + beta * KL with the same draw: linear in beta, and with the
+    closed form its slope is the textbook KL of the encoder's Gaussian."""
+    x = torch.rand(6, 5).bernoulli()
+    vae = VAE(5, 3, hidden_dims=(8,))
+    perturb(vae)
+
+    def loss(v: VAE, beta: float, elbo) -> float:
+        v.kl_weight = beta
+        pyro.set_rng_seed(3)
+        return float(elbo.differentiable_loss(v.model, v.guide, x))
+
+    with torch.no_grad():
+        mu, sd, _ = vae.encoder(x)
+    kl = float((0.5 * (sd**2 + mu**2 - 1) - torch.log(sd)).sum())
+    mf = TraceMeanField_ELBO()
+    assert loss(vae, 1.0, mf) - loss(vae, 0.25, mf) == pytest.approx(0.75 * kl, rel=1e-5)
+    flow = VAE(5, 3, hidden_dims=(8,), prior_flow="realnvp", num_flows=2, flow_hidden_dims=(8,))
+    perturb(flow)
+    values = [loss(flow, b, Trace_ELBO()) for b in (0.25, 0.5, 1.0)]
+    assert values[2] - values[1] == pytest.approx(2 * (values[1] - values[0]), rel=1e-4)
+    assert abs(values[2] - values[0]) > 1e-3  # the prior's term does move with the weight
+
+
+def test_free_bits_change_the_gradient_only_below_the_threshold():
+    """The loss with free bits lambda has the gradient of -E log p(x|z) + sum over the
+    dimensions whose batch-mean KL is >= lambda of their KL, written out by hand here."""
+    x = torch.rand(16, 6).bernoulli()
+    vae = VAE(6, 4, hidden_dims=(10,))
+    perturb(vae)
+    with torch.no_grad():
+        mu, sd, _ = vae.encoder(x)
+    kl_bar = (0.5 * (sd**2 + mu**2 - 1) - torch.log(sd)).mean(0)
+    ranked = kl_bar.sort().values
+    assert float(ranked[1] - ranked[0]) > 1e-3 and float(ranked[2] - ranked[1]) > 1e-3
+
+    def grads(lam: float, by_hand: bool) -> list[torch.Tensor]:
+        vae.zero_grad()
+        pyro.set_rng_seed(5)
+        if by_hand:
+            loc, scale, _ = vae.encoder(x)
+            z = pyro.distributions.Normal(loc, scale).rsample()
+            recon = vae.likelihood_dist(z).log_prob(x).sum()
+            kl = 0.5 * (scale**2 + loc**2 - 1) - torch.log(scale)
+            above = kl.mean(0).detach() >= lam
+            (-(recon - kl[:, above].sum())).backward()
+        else:
+            vae.free_bits = lam
+            TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x).backward()
+        return [p.grad.clone() for p in vae.parameters()]
+
+    for lam in (0.0, float((ranked[1] + ranked[2]) / 2), float(ranked[-1]) + 1.0):
+        for a, b in zip(grads(lam, False), grads(lam, True)):
+            assert torch.allclose(a, b, atol=1e-5), lam
+    # and the threshold matters: with half the dimensions free the gradient differs from none
+    mid = float((ranked[1] + ranked[2]) / 2)
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(grads(mid, False), grads(0.0, False)))
+    # the loss's value is -recon + sum_j max(lambda, KL_j) * N
+    vae.free_bits = mid
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        loss = float(TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x))
+        pyro.set_rng_seed(5)
+        z = pyro.distributions.Normal(mu, sd).rsample()
+        recon = float(vae.likelihood_dist(z).log_prob(x).sum())
+    assert loss == pytest.approx(-recon + 16 * float(kl_bar.clamp(min=mid).sum()), rel=1e-5)
+
+
+def test_free_bits_and_warm_up_are_checked():
+    with pytest.raises(ValueError, match="free_bits needs the closed-form KL"):
+        VAE(5, 3, posterior_flow="realnvp", free_bits=0.5)
+    with pytest.raises(ValueError, match="free_bits needs the closed-form KL"):
+        VAE(5, 3, prior_flow="nice", free_bits=0.5)
+    with pytest.raises(ValueError, match="free_bits a finite number"):
+        VAE(5, 3, free_bits=-1.0)
+    from pyro_genext.models import kl_warmup_weight
+
+    assert [kl_warmup_weight(s, 3) for s in (0, 1, 2, 3, 10)] == [1 / 3, 2 / 3, 1.0, 1.0, 1.0]
+    assert kl_warmup_weight(0, 0) == 1.0
+    with pytest.raises(ValueError, match="warmup a non-negative integer"):
+        kl_warmup_weight(0, -2)
+
+
+# ----------------------------------------------------------------------------- flow prior
+@pytest.mark.parametrize("flow", ["nice", "realnvp"])
+def test_flow_prior_log_density_is_the_change_of_variables(flow):
+    torch.set_default_dtype(torch.float64)
+    vae = VAE(5, 3, hidden_dims=(6,), prior_flow=flow, num_flows=3, flow_hidden_dims=(7,))
+    perturb(vae, 0.5)
+    u = torch.randn(4, 3)
+    with torch.no_grad():
+        z = vae.prior_flow(u)
+    assert not torch.allclose(z, u)
+    brute = []
+    for i in range(4):
+        jac = torch.autograd.functional.jacobian(vae.prior_flow, u[i])
+        brute.append(torch.distributions.Normal(0.0, 1.0).log_prob(u[i]).sum() - torch.linalg.slogdet(jac)[1])
+    with torch.no_grad():
+        got = vae.prior((4,)).log_prob(z.clone())  # a fresh tensor: the inverse pass, no cache
+    assert torch.allclose(got, torch.stack(brute), atol=1e-8)
+    draws = vae.sample(7)  # sampling goes through the flow
+    assert draws.shape == (7, 5)
+
+
+def test_iwae_with_a_flow_prior_approaches_the_exact_log_likelihood():
+    """z in 2-D: log p(x) = log of the integral of p(z) p(x|z) over a grid (quadrature)."""
+    torch.set_default_dtype(torch.float64)
+    vae = VAE(4, 2, hidden_dims=(8,), prior_flow="realnvp", posterior_flow="realnvp", num_flows=2,
+              flow_hidden_dims=(8,))
+    perturb(vae, 0.3)
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    t = torch.linspace(-9, 9, 601)
+    grid = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    cell = float((t[1] - t[0]) ** 2)
+    with torch.no_grad():
+        log_prior = vae.prior(grid.shape[:1]).log_prob(grid)
+        assert float(log_prior.exp().sum() * cell) == pytest.approx(1.0, abs=1e-3)  # the grid holds p(z)
+        lik = vae.likelihood_dist(grid.unsqueeze(1)).log_prob(x)  # (G, 2)
+        exact = torch.logsumexp(log_prior.unsqueeze(1) + lik, 0) + math.log(cell)
+    torch.manual_seed(0)
+    iwae = vae.iwae_log_likelihood(x, 20000)
+    elbo = vae.elbo(x, 2000)
+    assert torch.allclose(iwae, exact, atol=0.02), (iwae, exact)
+    assert bool((elbo < exact - 0.01).all())

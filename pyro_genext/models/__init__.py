@@ -1,6 +1,6 @@
 """Pyro models built on the bijectors: flow density models and variational auto-encoders."""
 
 from .density import FlowDensity
-from .vae import VAE, ImportanceWeightedELBO
+from .vae import VAE, ImportanceWeightedELBO, kl_warmup_weight
 
-__all__ = ["FlowDensity", "VAE", "ImportanceWeightedELBO"]
+__all__ = ["FlowDensity", "VAE", "ImportanceWeightedELBO", "kl_warmup_weight"]

@@ -114,6 +114,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro import poutine
 from pyro.infer import RenyiELBO
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from pyro.nn import PyroModule
@@ -121,9 +122,10 @@ from pyro.params.param_store import param_with_module_name
 from torch import nn
 
 from ..checks import data_checks_enabled
-from ..flows import ConditionalChain, conditional_nice, conditional_realnvp
+from ..flows import ConditionalChain, conditional_nice, conditional_realnvp, nice, realnvp
+from ..transforms.base import Bijector
 
-__all__ = ["VAE", "ImportanceWeightedELBO"]
+__all__ = ["VAE", "ImportanceWeightedELBO", "kl_warmup_weight"]
 
 Likelihood = Literal["bernoulli", "gaussian"]
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -233,6 +235,13 @@ class VAE(PyroModule):
     convolutions of ``conv_channels`` before the dense layers, and the decoder mirrors
     them with transposed convolutions.
 
+    KL warm-up: the attribute ``kl_weight`` (:math:`\beta`, default 1) weights the latent
+    site in :meth:`model` and :meth:`guide` alike (``poutine.scale``), so the training
+    objective is :math:`\mathbb{E}_q[\log p(x \mid z)] - \beta\,\mathrm{KL}(q \| p)`; the
+    command line's ``--kl-warmup N`` sets it to :func:`kl_warmup_weight` ``(step, N)`` before
+    each step. ``kl_weight`` is not saved with the parameters; :meth:`elbo` and
+    :meth:`iwae_log_likelihood` always use :math:`\beta = 1`.
+
     Cost per example: one encoder and one decoder pass per draw of :math:`z`; a flow
     posterior adds one pass through each coupling's conditioner per draw (sampling and
     scoring share it once the conditioned flow is cached). :meth:`iwae_log_likelihood`
@@ -245,11 +254,27 @@ class VAE(PyroModule):
         likelihood: ``"bernoulli"`` or ``"gaussian"``.
         sigma: the Gaussian likelihood's fixed standard deviation, or ``None`` to learn it.
         posterior_flow: ``None``, ``"nice"`` or ``"realnvp"``.
-        num_flows: the number of coupling layers of the posterior flow.
+        prior_flow: ``None`` (the prior :math:`\mathcal{N}(0, I)`), ``"nice"`` or
+            ``"realnvp"``: the prior :math:`p(z)` is then the image of :math:`\mathcal{N}(0, I)`
+            under a :func:`~pyro_genext.nice` (with its diagonal scaling) or
+            :func:`~pyro_genext.realnvp` flow (couplings only) over the latent space, trained
+            jointly with the rest (Xu et al. 2019, arXiv:1905.13452); usable with either
+            posterior.
+        num_flows: the number of coupling layers of each flow (posterior and prior).
         flow_hidden_dims: widths of each coupling's conditioner.
         encoder: ``"mlp"`` or ``"conv"``.
         conv_channels: channels of the convolutional encoder's layers.
         activation: ``"relu"``, ``"softplus"``, ``"elu"`` or ``"tanh"``.
+        free_bits: :math:`\lambda \ge 0`, nats per latent dimension (Kingma et al. 2016,
+            arXiv:1606.04934): the training objective (:meth:`model` with :meth:`guide`)
+            replaces the KL by :math:`\sum_j \max(\lambda, \overline{\mathrm{KL}}_j)`, where
+            :math:`\overline{\mathrm{KL}}_j` is the batch mean of the closed-form KL of
+            dimension :math:`j`, so a dimension whose KL is below :math:`\lambda` is not
+            pushed towards the prior (its KL gets no gradient). The per-dimension KL has no
+            closed form for a flow posterior or a flow prior, so that combination is refused.
+            The term is exact with ``TraceMeanField_ELBO`` (the closed-form KL); under
+            ``Trace_ELBO`` it corrects the Monte Carlo KL in expectation. :meth:`elbo` and
+            :meth:`iwae_log_likelihood` are unaffected.
         name: the Pyro name of this module, the prefix of its parameters in the param store.
 
     Example::
@@ -277,11 +302,13 @@ class VAE(PyroModule):
         likelihood: Likelihood = "bernoulli",
         sigma: float | None = None,
         posterior_flow: str | None = None,
+        prior_flow: str | None = None,
         num_flows: int = 4,
         flow_hidden_dims: Sequence[int] = (128, 128),
         encoder: str = "mlp",
         conv_channels: Sequence[int] = (32, 64),
         activation: str = "relu",
+        free_bits: float = 0.0,
         name: str = "",
     ) -> None:
         super().__init__(name)
@@ -295,17 +322,30 @@ class VAE(PyroModule):
             raise ValueError(f"expected positive hidden_dims, got {tuple(hidden_dims)}")
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"expected likelihood in ['bernoulli', 'gaussian'], got {likelihood!r}")
-        if sigma is not None and (likelihood != "gaussian" or not float(sigma) > 0):
+        if sigma is not None and (likelihood != "gaussian" or not 0 < float(sigma) < math.inf):
             raise ValueError(
-                f"sigma is the Gaussian likelihood's standard deviation: expected sigma > 0 with "
-                f"likelihood='gaussian', got sigma={sigma!r} with likelihood={likelihood!r}"
+                f"sigma is the Gaussian likelihood's standard deviation: expected a finite sigma > 0 "
+                f"with likelihood='gaussian', got sigma={sigma!r} with likelihood={likelihood!r}"
             )
-        if posterior_flow not in (None, "nice", "realnvp"):
-            raise ValueError(f"expected posterior_flow in [None, 'nice', 'realnvp'], got {posterior_flow!r}")
-        if posterior_flow is not None and z_dim < 2:
-            raise ValueError(f"a coupling posterior flow needs z_dim >= 2, got z_dim={z_dim}")
-        if posterior_flow is not None and (isinstance(num_flows, bool) or int(num_flows) < 1):
+        for role, kind in (("posterior_flow", posterior_flow), ("prior_flow", prior_flow)):
+            if kind not in (None, "nice", "realnvp"):
+                raise ValueError(f"expected {role} in [None, 'nice', 'realnvp'], got {kind!r}")
+            if kind is not None and z_dim < 2:
+                raise ValueError(f"a coupling flow ({role}={kind!r}) needs z_dim >= 2, got z_dim={z_dim}")
+        flows = posterior_flow is not None or prior_flow is not None
+        if flows and (isinstance(num_flows, bool) or int(num_flows) < 1):
             raise ValueError(f"expected num_flows >= 1, got {num_flows!r}")
+        for role, widths in (("flow_hidden_dims", flow_hidden_dims), ("conv_channels", conv_channels)):
+            if any(isinstance(w, bool) or int(w) < 1 for w in widths):
+                raise ValueError(f"expected positive integers in {role}, got {tuple(widths)}")
+        if not 0 <= float(free_bits) < math.inf:
+            raise ValueError(f"expected free_bits a finite number of nats >= 0, got {free_bits!r}")
+        if float(free_bits) > 0 and flows:
+            raise ValueError(
+                "free_bits needs the closed-form KL of each latent dimension, which exists for the "
+                "Gaussian posterior and the N(0, I) prior only; got "
+                f"posterior_flow={posterior_flow!r}, prior_flow={prior_flow!r}"
+            )
         if encoder not in ("mlp", "conv"):
             raise ValueError(f"expected encoder in ['mlp', 'conv'], got {encoder!r}")
         if encoder == "conv" and (len(shape) != 3 or not conv_channels):
@@ -321,6 +361,10 @@ class VAE(PyroModule):
         self.hidden_dims = hidden
         self.likelihood: Likelihood = likelihood
         self.posterior_flow_kind = posterior_flow
+        self.prior_flow_kind = prior_flow
+        self.free_bits = float(free_bits)
+        self.kl_weight = 1.0
+        self._free_bits_term: tuple[torch.Tensor, torch.Tensor] | None = None
         self.encoder_kind = encoder
         d = math.prod(shape)
 
@@ -360,6 +404,12 @@ class VAE(PyroModule):
         elif posterior_flow == "realnvp":
             self.flow = conditional_realnvp(self.z_dim, features, num_layers=int(num_flows),
                                             hidden_dims=flow_hidden_dims, norm=None)
+        self.prior_flow: Bijector | None = None
+        if prior_flow == "nice":
+            self.prior_flow = nice(self.z_dim, num_layers=int(num_flows), hidden_dims=flow_hidden_dims)
+        elif prior_flow == "realnvp":
+            self.prior_flow = realnvp(self.z_dim, num_layers=int(num_flows), hidden_dims=flow_hidden_dims,
+                                      norm=None)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -382,10 +432,16 @@ class VAE(PyroModule):
         return dist.Normal(out, sigma.expand_as(out)).to_event(k)
 
     def prior(self, batch_shape: Sequence[int] | torch.Size) -> dist.TorchDistribution:
-        r"""The prior :math:`\mathcal{N}(0, I)` on ``z``, batch shape ``batch_shape``."""
+        r"""The prior on ``z``, batch shape ``batch_shape``: :math:`\mathcal{N}(0, I)`, or
+        with ``prior_flow`` its image under the flow :math:`T` (forward is base -> latent), a
+        ``TransformedDistribution`` with :math:`\log p(z) = \log \mathcal{N}(T^{-1}(z); 0, I)
+        + \log|\det \partial T^{-1} / \partial z|`."""
         p = next(self.encoder.parameters())
         loc = p.new_zeros(tuple(batch_shape) + (self.z_dim,))
-        return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+        base = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+        if self.prior_flow is None:
+            return base
+        return dist.TransformedDistribution(base, [self.prior_flow])
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         r"""The guide's :math:`q(z \mid x)` for data ``x`` of shape ``(*batch, *input_shape)``:
@@ -430,8 +486,14 @@ class VAE(PyroModule):
         x = self._check_data(x, batched=True)
         n = self._plate_size(x, size)
         self._register("decoder", self.decoder)
+        if self.prior_flow is not None:
+            self._register("prior_flow", self.prior_flow)
+        term, self._free_bits_term = self._free_bits_term, None
+        if term is not None and term[0] is x:  # the guide of this very ELBO evaluation left it
+            pyro.factor("free_bits", term[1])
         with pyro.plate("data", n, subsample=torch.arange(x.shape[0], device=x.device)):
-            z = pyro.sample("z", self.prior((x.shape[0],)))
+            with self._kl_scale():
+                z = pyro.sample("z", self.prior((x.shape[0],)))
             pyro.sample("x", self.likelihood_dist(z), obs=x)
 
     def guide(self, x: torch.Tensor, size: int | None = None) -> None:
@@ -443,7 +505,27 @@ class VAE(PyroModule):
         if self.flow is not None:
             self._register("flow", self.flow)
         with pyro.plate("data", n, subsample=torch.arange(x.shape[0], device=x.device)):
-            pyro.sample("z", self._posterior(x)[0])
+            q = self._posterior(x)[0]
+            with self._kl_scale():
+                pyro.sample("z", q)
+        self._free_bits_term = None
+        if self.free_bits > 0:
+            # max(lambda, KL_j) in place of KL_j, on the batch-mean KL of each dimension:
+            # the model adds  -beta * size * sum_j relu(lambda - mean_n KL_nj)  to the joint
+            kl = _normal_kl_per_dim(q.base_dist.loc, q.base_dist.scale).mean(0)
+            shortfall = torch.relu(self.free_bits - kl).sum()
+            self._free_bits_term = (x, -self.kl_weight * n * shortfall)
+
+    @contextmanager
+    def _kl_scale(self) -> Iterator[None]:
+        r"""``poutine.scale(kl_weight)`` around the latent site (model and guide alike), so
+        both :math:`\log p(z)` and :math:`\log q(z \mid x)`, or the closed-form KL of
+        ``TraceMeanField_ELBO``, are weighted; nothing when the weight is 1."""
+        if self.kl_weight == 1.0:
+            yield
+            return
+        with poutine.scale(scale=self.kl_weight):
+            yield
 
     def _plate_size(self, x: torch.Tensor, size: int | None) -> int:
         if size is None:
@@ -612,6 +694,35 @@ class VAE(PyroModule):
             f"input_shape={self.input_shape}, z_dim={self.z_dim}, likelihood={self.likelihood!r}, "
             f"encoder={self.encoder_kind!r}, posterior_flow={self.posterior_flow_kind!r}"
         )
+
+
+def kl_warmup_weight(step: int, warmup: int) -> float:
+    r"""The KL term's weight :math:`\beta` in the training step that follows ``step``
+    optimiser steps (0-based): :math:`\min(1, (\text{step} + 1) / \text{warmup})`, rising
+    linearly from :math:`1/\text{warmup}` in the first step to 1 in step ``warmup`` and
+    after; 1 throughout when ``warmup`` is 0. A function of the step alone, so a run resumed
+    mid-warm-up continues the same schedule. (Pyro's ``poutine.scale`` refuses a weight of
+    0, so the first step already carries :math:`1/\text{warmup}`.)
+
+    Example::
+
+        >>> [kl_warmup_weight(s, 4) for s in range(5)]
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+
+    Reference: Bowman et al. (2016), Generating sentences from a continuous space,
+    arXiv:1511.06349; Sønderby et al. (2016), Ladder variational autoencoders,
+    arXiv:1602.02282.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"expected step a non-negative integer, got {step!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"expected warmup a non-negative integer number of steps, got {warmup!r}")
+    return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+
+def _normal_kl_per_dim(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r""":math:`\mathrm{KL}(\mathcal{N}(\mu_j, \sigma_j^2) \| \mathcal{N}(0, 1))` per dimension."""
+    return 0.5 * (scale**2 + loc**2 - 1) - torch.log(scale)
 
 
 def _chunks(total: int, size: int) -> Iterator[int]:
