@@ -35,6 +35,26 @@ Usage::
     python benchmarks/vae.py curve --run runs/vae --out curve.png   # a training run's curve
 
 ``curve``: the validation -ELBO per epoch of a ``pyro-genext train vae`` run, as a figure.
+
+``flows``: one run of the flow-posterior/flow-prior study (docs/benchmarks_vae.rst): one
+of the configurations of ``FLOW_CONFIGS`` (Gaussian posterior, RealNVP posterior, RealNVP
+prior, both; each with ``--kl-warmup`` or without) and one seed, trained through the engine
+on the ELBO with a checkpoint in ``--runs`` (an interrupted run resumes), its learning curve
+(validation -ELBO, wall time and load average per epoch) written to ``--results/NAME.json``
+at every validation, then its best checkpoint scored: the test ELBO and the IWAE
+log-likelihood (``--iwae-k``) per image of the first ``--iwae-examples`` test images, kept
+per image so that configurations can be compared on the same images. ``flows-gaps`` adds
+the gap decomposition (:func:`pyro_genext.models.vae.gap_decomposition`) of a finished
+run on the first ``--gap-examples`` test images; ``flows-table`` prints the summary of
+every JSON in ``--results`` and the learning curves' figure::
+
+    for seed in 0 1; do for c in gaussian realnvp-posterior realnvp-prior realnvp-both; do
+        for w in "" -warmup; do
+            python benchmarks/vae.py flows --config $c$w --seed $seed --runs runs/flows \
+                --results benchmarks/results/vae_flows
+    done; done; done
+    python benchmarks/vae.py flows-table --results benchmarks/results/vae_flows \
+        --out docs/_static/vae_flows_curves.png
 """
 
 from __future__ import annotations
@@ -306,9 +326,111 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
     return {"epochs": epochs, "val_nelbo": nelbo, "step": state["step"]}
 
 
+# ---------------------------------------------------------------------------- flows study
+#: name -> (posterior_flow, prior_flow); each also with "-warmup" (``--kl-warmup``)
+FLOW_CONFIGS = {
+    "gaussian": ("none", "none"),
+    "realnvp-posterior": ("realnvp", "none"),
+    "realnvp-prior": ("none", "realnvp"),
+    "realnvp-both": ("realnvp", "realnvp"),
+}
+
+
+def flow_settings(args: argparse.Namespace) -> dict[str, Any]:
+    name = args.config.removesuffix("-warmup")
+    if name not in FLOW_CONFIGS:
+        raise SystemExit(f"expected --config one of {sorted(FLOW_CONFIGS)} (optionally -warmup), "
+                         f"got {args.config!r}")
+    posterior, prior = FLOW_CONFIGS[name]
+    return {
+        "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed, "z_dim": args.z_dim, "hidden": args.hidden, "posterior_flow": posterior,
+        "prior_flow": prior, "num_flows": args.num_flows, "flow_hidden": args.flow_hidden,
+        "objective": "elbo", "kl_warmup": args.kl_warmup if args.config.endswith("-warmup") else 0,
+        "checkpoint_every": 100, "log_interval": 0,
+    }
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def flows(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+    import re
+
+    s = flow_settings(args)
+    run = args.runs / f"{args.config}-s{args.seed}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{args.config}-s{args.seed}.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    record.update(config=args.config, seed=args.seed, settings=s)
+    curve: list[dict[str, Any]] = record.setdefault("curve", [])
+    last = [time.perf_counter()]
+    pattern = re.compile(r"step (\d+)/\d+ epoch (\d+): val nelbo ([-\d.]+)")
+
+    def log(line: str) -> None:
+        m = pattern.search(line)
+        if m is None:
+            return
+        now = time.perf_counter()
+        step = int(m.group(1))
+        if not any(c["step"] == step for c in curve):
+            curve.append({"step": step, "epoch": int(m.group(2)) + 1, "val_nelbo": float(m.group(3)),
+                          "seconds": now - last[0], "loadavg": os.getloadavg()[0]})
+            _write(path, {**record, "status": "training"})
+        last[0] = now
+
+    record["commit"] = os.environ.get("BENCH_COMMIT", record.get("commit"))
+    done = (run / "last.pt").exists() and load_checkpoint(run / "last.pt")["step"] >= \
+        args.epochs * (load_dataset(args.data, "train").x.shape[0] // args.batch_size)
+    if not done:
+        last[0] = time.perf_counter()
+        fit("vae", s, run, resume=(run / "last.pt").exists(), progress=False, log=log)
+    if "test" not in record:
+        state = load_checkpoint(run / "best.pt")
+        module, _, _ = module_from_checkpoint(state)
+        test = load_dataset(args.data, "test")
+        x = test.x[: args.iwae_examples]
+        t0 = time.perf_counter()
+
+        def both(m: Any, xb: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"elbo": m.elbo(xb, num_particles=args.elbo_particles),
+                    "iwae": m.iwae_log_likelihood(xb, num_samples=args.iwae_k)}
+
+        v = per_example_metrics(dataclasses.replace(VAE_KIND, metrics=both), module, x, args.seed, "test",
+                                batch_size=100)
+        e, w = v["elbo"].double(), v["iwae"].double()
+        n = len(e)
+        record["test"] = {
+            "best_step": state["best_step"], "best_epoch": state["epoch"] + 1, "num_examples": n,
+            "iwae_k": args.iwae_k, "elbo_particles": args.elbo_particles,
+            "elbo": float(e.mean()), "elbo_se": float(e.std() / n**0.5),
+            "iwae": float(w.mean()), "iwae_se": float(w.std() / n**0.5),
+            "gap": float((w - e).mean()), "eval_seconds": time.perf_counter() - t0,
+            "loadavg": os.getloadavg()[0],
+            "per_example_elbo": [round(float(t), 4) for t in e],
+            "per_example_iwae": [round(float(t), 4) for t in w],
+        }
+    record["status"] = "evaluated"
+    _write(path, record)
+    t = record["test"]
+    print(f"{args.config} seed {args.seed}: test ELBO {t['elbo']:.3f} IWAE {t['iwae']:.3f} (K={t['iwae_k']}, "
+          f"{t['num_examples']} images), best epoch {t['best_epoch']}", flush=True)
+    return {"result": str(path)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "timing", "curve"))
+    p.add_argument("what", choices=("quality", "timing", "curve", "flows"))
+    p.add_argument("--config", default="gaussian", help="flows: a FLOW_CONFIGS name, or NAME-warmup")
+    p.add_argument("--seed", type=int, default=0, help="flows: the run's seed")
+    p.add_argument("--kl-warmup", type=int, default=2500, help="flows: steps of the -warmup configurations")
+    p.add_argument("--runs", type=Path, default=Path("runs/flows"), help="flows: the runs' folder")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/vae_flows"),
+                   help="flows: one JSON per run")
     p.add_argument("--run", type=Path, default=None, help="curve: the run folder")
     p.add_argument("--out", type=Path, default=Path("vae_curve.png"), help="curve: the figure")
     p.add_argument("--quick", action="store_true", help="smoke test: digits, 2 epochs, K=50")
@@ -337,6 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.data, args.epochs, args.iwae_k, args.iwae_examples = "digits", 2, 50, 40
         args.hidden, args.flow_hidden, args.repeats, args.timing_steps = [64], [16], 2, 5
+        args.kl_warmup = 10
     return args
 
 
@@ -344,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     machine = _machine(1)
-    out = {"quality": quality, "timing": timing, "curve": curve}[args.what](args)
+    out = {"quality": quality, "timing": timing, "curve": curve, "flows": flows}[args.what](args)
     out.update(machine=machine, loadavg_end=__import__("os").getloadavg(), command=sys.argv,
                settings={k: v for k, v in vars(args).items() if k != "json"})
     print(f"load average at the start {machine['loadavg_start']}, at the end {out['loadavg_end']}")
