@@ -557,3 +557,51 @@ def test_iwae_with_a_flow_prior_approaches_the_exact_log_likelihood():
     elbo = vae.elbo(x, 2000)
     assert torch.allclose(iwae, exact, atol=0.02), (iwae, exact)
     assert bool((elbo < exact - 0.01).all())
+
+
+# ----------------------------------------------------------------------------- gap decomposition
+def test_gap_decomposition_on_a_linear_gaussian_vae_matches_the_closed_forms():
+    """x = W z + c + s eps: the posterior is N(m, Lambda^-1), Lambda = I + W^T W / s^2. The
+    best diagonal Gaussian keeps the diagonal precisions, so its gap is the KL
+    0.5 (sum_i log Lambda_ii - log det Lambda); a flexible posterior closes it."""
+    torch.set_default_dtype(torch.float64)
+    vae = linear_gaussian(4, 2, 0.5)
+    w = torch.tensor([[1.0, 0.8], [0.9, 1.0], [0.5, 0.7], [0.2, 0.1]])  # correlated columns
+    with torch.no_grad():
+        vae.decoder.head[0].weight.copy_(w)
+    x = torch.randn(5, 4)
+    lam = torch.eye(2) + w.T @ w / 0.25
+    approximation = 0.5 * (torch.log(torch.diagonal(lam)).sum() - torch.logdet(lam))
+    assert float(approximation) > 0.5  # a case where the family matters
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    from pyro_genext.models import gap_decomposition
+
+    g = gap_decomposition(vae, x, num_samples=2000, elbo_samples=4000, steps=500)
+    log_px = exact_log_px(vae, x)
+    # the random encoder is far from the posterior: its log-weights vary by nats, hence the tolerance
+    assert torch.allclose(g.elbo_amortised, exact_elbo(vae, x), atol=0.5)
+    best = log_px - approximation
+    assert torch.allclose(g.elbo_family, best, atol=0.04), (g.elbo_family, best)
+    assert bool((log_px - g.elbo_flexible < 0.05).all()), log_px - g.elbo_flexible
+    assert bool((log_px - g.elbo_flexible > -0.02).all())  # an ELBO, up to Monte Carlo noise
+    assert bool(((g.log_px - log_px).abs() < 4 * g.log_px_se + 0.01).all()), (g.log_px - log_px, g.log_px_se)
+    assert torch.allclose(g.approximation_gap + g.amortisation_gap, g.total_gap)
+    assert abs(g.summary()["approximation_gap"] - float(approximation)) < 0.03
+    for k, v in vae.state_dict().items():  # the decoder was frozen, nothing moved
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in vae.parameters())
+
+
+def test_gap_decomposition_of_a_flow_posterior_optimises_its_own_family():
+    vae = VAE(6, 2, hidden_dims=(8,), posterior_flow="realnvp", num_flows=2, flow_hidden_dims=(8,))
+    perturb(vae)
+    x = torch.rand(4, 6).bernoulli()
+    from pyro_genext.models import gap_decomposition
+
+    g = gap_decomposition(vae, x, num_samples=500, elbo_samples=500, steps=200)
+    assert bool((g.amortisation_gap > -0.05).all()), g.amortisation_gap  # started at the encoder's
+    assert bool((g.flexible_gap > -0.1).all()) and bool((g.log_px_se < 0.1).all())
+    with pytest.raises(ValueError, match="expected steps a positive integer"):
+        gap_decomposition(vae, x, steps=0)
+    with pytest.raises(ValueError, match="expected at least one example"):
+        gap_decomposition(vae, x[:0])
