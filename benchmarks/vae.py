@@ -308,6 +308,7 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     state = load_checkpoint(args.run / "last.pt")
+    args.out = args.out or Path("vae_curve.png")
     hist = state["history"]
     epochs = [h["epoch"] + 1 for h in hist]
     nelbo = [h["nelbo_mean"] for h in hist]
@@ -422,17 +423,124 @@ def flows(args: argparse.Namespace) -> dict[str, Any]:
     return {"result": str(path)}
 
 
+def flows_gaps(args: argparse.Namespace) -> dict[str, Any]:
+    """The gap decomposition of a finished ``flows`` run, added to its JSON."""
+    import os
+
+    from pyro_genext.models.vae import gap_decomposition
+
+    path = args.results / f"{args.config}-s{args.seed}.json"
+    record = json.loads(path.read_text())
+    if record.get("status") != "evaluated":
+        raise SystemExit(f"{path}: the run is not finished and evaluated yet")
+    state = load_checkpoint(args.runs / f"{args.config}-s{args.seed}" / "best.pt")
+    module, _, _ = module_from_checkpoint(state)
+    test = load_dataset(args.data, "test")
+    x = fixed_test(test.x[: args.gap_examples], module, args.seed)
+    t0 = time.perf_counter()
+    g = gap_decomposition(module, x, num_samples=args.iwae_k, elbo_samples=args.gap_elbo_samples,
+                          steps=args.gap_steps, particles=args.gap_particles, seed=args.seed)
+    record["gaps"] = {
+        **g.summary(), "num_samples": args.iwae_k, "elbo_samples": args.gap_elbo_samples,
+        "steps": args.gap_steps, "particles": args.gap_particles, "seconds": time.perf_counter() - t0,
+        "loadavg": os.getloadavg()[0],
+        "per_example": {name: [round(float(v), 4) for v in getattr(g, name)]
+                        for name in ("log_px", "elbo_amortised", "elbo_family", "elbo_flexible")},
+    }
+    _write(path, record)
+    r = record["gaps"]
+    print(f"{args.config} seed {args.seed} ({r['num_examples']} images, {r['seconds']:.0f} s): log p(x) "
+          f"{r['log_px']:.3f}, ELBO amortised {r['elbo_amortised']:.3f}, best of family "
+          f"{r['elbo_family']:.3f}, flexible {r['elbo_flexible']:.3f}; approximation gap "
+          f"{r['approximation_gap']:.3f}, amortisation gap {r['amortisation_gap']:.3f}", flush=True)
+    return {"result": str(path)}
+
+
+def flows_table(args: argparse.Namespace) -> dict[str, Any]:
+    """The study's summary over seeds (mean, and the spread max - min), and a figure of the
+    learning curves."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(args.results.glob("*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["config"], []).append(r)
+    order = [c + w for w in ("", "-warmup") for c in FLOW_CONFIGS]
+    table: dict[str, dict[str, Any]] = {}
+    print(f"{'configuration':26s} {'seeds':>5s} {'test IWAE':>17s} {'test ELBO':>17s} {'gap':>6s} "
+          f"{'approx':>7s} {'amort':>7s} {'flex':>6s} {'s/epoch':>8s} {'load':>5s}")
+    for name in [c for c in order if c in runs]:
+        done = [r for r in runs[name] if "test" in r]
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in done],
+                               "epochs": [len(r["curve"]) for r in runs[name]]}
+        for key in ("iwae", "elbo", "gap"):
+            vals = [r["test"][key] for r in done]
+            if vals:
+                row[key], row[f"{key}_spread"] = statistics.fmean(vals), max(vals) - min(vals)
+        for key in ("approximation_gap", "amortisation_gap", "flexible_gap"):
+            vals = [r["gaps"][key] for r in done if "gaps" in r]
+            if vals:
+                row[key] = statistics.fmean(vals)
+                row[f"{key}_seeds"] = len(vals)
+        secs = [c["seconds"] for r in runs[name] for c in r["curve"][1:]]
+        loads = [c["loadavg"] for r in runs[name] for c in r["curve"][1:]]
+        if secs:
+            row["seconds_per_epoch_median"] = statistics.median(secs)
+            row["loadavg_median"] = statistics.median(loads)
+        table[name] = row
+
+        def cell(key: str, width: int, row: dict[str, Any] = row, seeds: int = len(done)) -> str:
+            if key not in row:
+                return f"{'':>{width}s}"
+            text = f"{row[key]:.2f}" + (f" +-{row[key + '_spread']:.2f}" if seeds > 1 else "")
+            return f"{text:>{width}s}"
+
+        def gap(key: str, width: int, row: dict[str, Any] = row) -> str:
+            return f"{row[key]:{width}.2f}" if key in row else f"{'':>{width}s}"
+
+        print(f"{name:26s} {len(done):5d} {cell('iwae', 17)} {cell('elbo', 17)} {gap('gap', 6)} "
+              f"{gap('approximation_gap', 7)} {gap('amortisation_gap', 7)} {gap('flexible_gap', 6)} "
+              f"{row.get('seconds_per_epoch_median', math.nan):8.1f} "
+              f"{row.get('loadavg_median', math.nan):5.1f}")
+    if args.out is not None and runs:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        colours = dict(zip(FLOW_CONFIGS, ("C0", "C1", "C2", "C3")))
+        for name in [c for c in order if c in runs]:
+            for i, r in enumerate(runs[name]):
+                ep = [c["epoch"] for c in r["curve"]]
+                ax.plot(ep, [-c["val_nelbo"] for c in r["curve"]],
+                        color=colours[name.removesuffix("-warmup")],
+                        ls="--" if name.endswith("-warmup") else "-", lw=1,
+                        label=name if i == 0 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation ELBO (nats/image)")
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], ax.get_ylim()[1] - 25))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.savefig(args.out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        print(f"learning curves in {args.out}")
+    return {"table": table}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "timing", "curve", "flows"))
+    p.add_argument("what", choices=("quality", "timing", "curve", "flows", "flows-gaps", "flows-table"))
     p.add_argument("--config", default="gaussian", help="flows: a FLOW_CONFIGS name, or NAME-warmup")
     p.add_argument("--seed", type=int, default=0, help="flows: the run's seed")
     p.add_argument("--kl-warmup", type=int, default=2500, help="flows: steps of the -warmup configurations")
     p.add_argument("--runs", type=Path, default=Path("runs/flows"), help="flows: the runs' folder")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/vae_flows"),
                    help="flows: one JSON per run")
+    p.add_argument("--gap-examples", type=int, default=100, help="flows-gaps: test images decomposed")
+    p.add_argument("--gap-steps", type=int, default=300, help="flows-gaps: Adam steps per local posterior")
+    p.add_argument("--gap-particles", type=int, default=8, help="flows-gaps: draws per step")
+    p.add_argument("--gap-elbo-samples", type=int, default=200, help="flows-gaps: draws per ELBO estimate")
     p.add_argument("--run", type=Path, default=None, help="curve: the run folder")
-    p.add_argument("--out", type=Path, default=Path("vae_curve.png"), help="curve: the figure")
+    p.add_argument("--out", type=Path, default=None, help="curve, flows-table: the figure")
     p.add_argument("--quick", action="store_true", help="smoke test: digits, 2 epochs, K=50")
     p.add_argument("--data", default="digits", choices=("digits", "fashion-mnist", "mnist"))
     p.add_argument("--epochs", type=int, default=20)
@@ -467,7 +575,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     machine = _machine(1)
-    out = {"quality": quality, "timing": timing, "curve": curve, "flows": flows}[args.what](args)
+    out = {"quality": quality, "timing": timing, "curve": curve, "flows": flows, "flows-gaps": flows_gaps,
+           "flows-table": flows_table}[args.what](args)
     out.update(machine=machine, loadavg_end=__import__("os").getloadavg(), command=sys.argv,
                settings={k: v for k, v in vars(args).items() if k != "json"})
     print(f"load average at the start {machine['loadavg_start']}, at the end {out['loadavg_end']}")
