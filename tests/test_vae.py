@@ -605,3 +605,63 @@ def test_gap_decomposition_of_a_flow_posterior_optimises_its_own_family():
         gap_decomposition(vae, x, steps=0)
     with pytest.raises(ValueError, match="expected at least one example"):
         gap_decomposition(vae, x[:0])
+
+
+# ----------------------------------------------------------------------------- defects found in review
+def test_iwae_chunks_are_sized_by_what_the_networks_allocate():
+    """A 2-D Gaussian VAE with hidden widths 512/256: each draw allocates about 770 hidden
+    activations per example, not the 2 of the data's width; the chunks must bound them."""
+    vae = VAE(2, 2, likelihood="gaussian")
+    largest = [0]
+    forward = vae.decoder.forward
+
+    def recording(z):
+        largest[0] = max(largest[0], z.shape[:-1].numel())
+        return forward(z)
+
+    vae.decoder.forward = recording
+    x = torch.randn(100, 2)
+    vae.iwae_log_likelihood(x, 5000)
+    assert largest[0] * (512 + 256 + 2) <= 2**22, largest[0]  # about 16 MB of float32 a chunk
+    vae.elbo(x, 300)
+    assert largest[0] * (512 + 256 + 2) <= 2**22, largest[0]
+
+
+def test_data_dtypes_are_converted_to_the_model_and_empty_batches_refused():
+    from pyro_genext.flows import realnvp
+    from pyro_genext.models import FlowDensity
+
+    vae = VAE(4, 2, hidden_dims=(8,))
+    x = torch.rand(3, 4).round()
+    ref = vae.double().elbo(x.double())
+    torch.manual_seed(1)
+    a = vae.elbo(x.long())  # integer data into a float64 VAE
+    torch.manual_seed(1)
+    b = vae.elbo(x.double())
+    assert a.dtype == torch.float64 and torch.equal(a, b) and ref.shape == (3,)
+    vae32 = VAE(4, 2, hidden_dims=(8,))
+    assert vae32.elbo(x.double()).dtype == torch.float32  # float64 data into a float32 VAE
+    assert vae32.encode(x.bool()).shape == (3, 2)
+    for call in (lambda: vae32.elbo(torch.zeros(0, 4)), lambda: vae32.encode(torch.zeros(0, 4)),
+                 lambda: vae32.iwae_log_likelihood(torch.zeros(0, 4), 5)):
+        with pytest.raises(ValueError, match=r"at least one example, got an empty batch of shape \(0, 4\)"):
+            call()
+    density = FlowDensity(realnvp(4, num_layers=2, hidden_dims=(8,)))
+    y = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.allclose(density.log_prob(y), density.log_prob(y.float()))
+    assert density.log_prob(y).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"at least one example, got an empty batch of shape \(0, 4\)"):
+        density.log_prob(torch.zeros(0, 4))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"likelihood": "gaussian", "sigma": float("inf")}, "finite sigma > 0"),
+    ({"posterior_flow": "realnvp", "flow_hidden_dims": (0,)}, r"integers in flow_hidden_dims, got \(0,\)"),
+    ({"posterior_flow": "nice", "flow_hidden_dims": (-3,)}, r"integers in flow_hidden_dims, got \(-3,\)"),
+    ({"prior_flow": "realnvp", "flow_hidden_dims": (4, 0)}, "positive integers in flow_hidden_dims"),
+    ({"encoder": "conv", "conv_channels": (0,)}, r"positive integers in conv_channels, got \(0,\)"),
+])
+def test_bad_widths_and_sigma_are_refused(kwargs, match):
+    shape = (1, 8, 8) if kwargs.get("encoder") == "conv" else 4
+    with pytest.raises(ValueError, match=match):
+        VAE(shape, 2, **kwargs)

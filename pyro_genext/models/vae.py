@@ -228,6 +228,10 @@ class VAE(PyroModule):
       :math:`s` fixed, or learned (one scalar, started at 1) when ``sigma=None``. Data may
       be any finite values.
 
+    Data of any real dtype are taken and converted to the dtype of the VAE's parameters
+    (integer or boolean images, float64 data into a float32 VAE, float32 data into
+    ``VAE(...).double()``); an empty batch is refused with a ``ValueError``.
+
     Architecture: ``encoder="mlp"`` (default) flattens ``x`` and applies dense layers of
     ``hidden_dims``; the decoder mirrors them. ``hidden_dims=()`` makes both linear: with a
     Gaussian likelihood the model is then probabilistic PCA, and the decoder's columns span
@@ -366,6 +370,7 @@ class VAE(PyroModule):
         self.free_bits = float(free_bits)
         self.kl_weight = 1.0
         self._free_bits_term: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._per_draw: int | None = None
         self.encoder_kind = encoder
         d = math.prod(shape)
 
@@ -568,6 +573,7 @@ class VAE(PyroModule):
         ``num_particles`` draws (a Monte Carlo estimate, unbiased), shape ``(N,)``.
         The same objective as ``Trace_ELBO`` (without the plate's scaling)."""
         k = self._check_count(num_particles, "num_particles")
+        x = self._check_data(x, batched=True)
         with _evaluating():
             total: torch.Tensor | None = None
             for chunk in _chunks(k, self._chunk(x)):
@@ -584,10 +590,12 @@ class VAE(PyroModule):
         :math:`\mathcal{L}_K`, which increases with ``K`` towards :math:`\log p(x)`.
 
         The ``K`` draws are taken ``chunk_size`` at a time (default: as many as keep about
-        :math:`2^{21}` decoder outputs in memory) and combined by a running log-sum-exp,
-        so ``K = 5000`` needs the memory of one chunk.
+        :math:`2^{22}` activations in memory, counting every layer's output of the decoder
+        and the flows, hidden widths included) and combined by a running log-sum-exp, so
+        ``K = 5000`` needs the memory of one chunk.
         """
         k = self._check_count(num_samples, "num_samples")
+        x = self._check_data(x, batched=True)
         if chunk_size is not None:
             chunk_size = self._check_count(chunk_size, "chunk_size")
         with _evaluating():
@@ -599,7 +607,33 @@ class VAE(PyroModule):
             return acc - math.log(k)
 
     def _chunk(self, x: torch.Tensor) -> int:
-        return max(1, 2**21 // max(1, x.numel()))
+        """Draws per chunk: as many as keep about ``_CHUNK_ELEMENTS`` activations alive."""
+        return max(1, _CHUNK_ELEMENTS // (max(1, x.shape[0]) * self._elements_per_draw(x)))
+
+    def _elements_per_draw(self, x: torch.Tensor) -> int:
+        """What one draw of ``z`` for one example allocates: the outputs of every layer of
+        the networks (counted once, on one example and one draw, by forward hooks; the
+        architecture does not change), plus a few tensors of the data's size for the
+        likelihood."""
+        if self._per_draw is None:
+            counted = [0]
+
+            def count(module: nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor):
+                    counted[0] += output.numel()
+
+            leaves = [m for m in self.modules() if next(m.children(), None) is None]
+            handles = [m.register_forward_hook(count) for m in leaves]
+            devices = [x.device] if x.device.type == "cuda" else []
+            try:  # a probe that leaves torch's random stream as it was
+                with _evaluating(), torch.random.fork_rng(devices=devices):
+                    p = next(self.encoder.parameters())
+                    self.log_weights(p.new_zeros((1, *self.input_shape)), 1)
+            finally:
+                for h in handles:
+                    h.remove()
+            self._per_draw = counted[0] + 4 * math.prod(self.input_shape)
+        return self._per_draw
 
     @staticmethod
     def _check_count(value: int, name: str) -> int:
@@ -661,21 +695,25 @@ class VAE(PyroModule):
         self._check_data(x, batched=True, force=True)
 
     def _check_data(self, x: torch.Tensor, batched: bool = False, force: bool = False) -> torch.Tensor:
-        """Validate data before any computation; integer and boolean dtypes become floats.
-        Shapes always; values unless switched off by
+        """Validate data before any computation; data of another real dtype (integers,
+        booleans, other floats) become the dtype of the VAE's parameters. Shapes and an empty
+        batch always; values unless switched off by
         :func:`~pyro_genext.checks.data_checks` (and not ``force``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
         if x.is_complex():
             raise ValueError(f"expected real data, got dtype {x.dtype}")
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
+        dtype = next(self.encoder.parameters()).dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
         k = len(self.input_shape)
         ok = x.dim() == k + 1 if batched else x.dim() >= k
         if not ok or tuple(x.shape[x.dim() - k :]) != self.input_shape:
             dims = ", ".join(map(str, self.input_shape))
             want = f"(N, {dims})" if batched else f"(..., {dims})"
             raise ValueError(f"expected data of shape {want}, got {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"expected at least one example, got an empty batch of shape {tuple(x.shape)}")
         if not (force or data_checks_enabled()):
             return x
         if not bool(torch.isfinite(x).all()):
@@ -695,6 +733,10 @@ class VAE(PyroModule):
             f"input_shape={self.input_shape}, z_dim={self.z_dim}, likelihood={self.likelihood!r}, "
             f"encoder={self.encoder_kind!r}, posterior_flow={self.posterior_flow_kind!r}"
         )
+
+
+#: The activations (elements) one chunk of draws may keep alive in evaluation: 16 MB of float32.
+_CHUNK_ELEMENTS = 2**22
 
 
 def kl_warmup_weight(step: int, warmup: int) -> float:
