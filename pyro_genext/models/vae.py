@@ -928,7 +928,9 @@ def gap_decomposition(
     * :math:`\mathcal{L}[q_\text{flex}]`, a more expressive posterior optimised the same
       way: a per-example RealNVP (``flow_layers`` affine couplings with ``flow_hidden``
       tanh units, weights of its own for every example) on a per-example diagonal
-      Gaussian, started at the best diagonal Gaussian (also optimised here).
+      Gaussian, started at the best diagonal Gaussian (also optimised here); where that
+      Gaussian (the flow at the identity, a member of the family) scores higher than
+      where the optimiser ended, its ELBO is kept.
     * every ELBO is then estimated afresh with ``elbo_samples`` draws;
     * :math:`\log p(x)`: the importance-weighted estimate with ``num_samples`` draws from
       each of the amortised and the flexible posterior, weighted against their mixture
@@ -1001,10 +1003,10 @@ def gap_decomposition(
                 return log_joint(z) - log_q
 
             _optimise([mu, rho], gaussian_log_w, steps, lr, particles)
+            elbo_gaussian = _mean_log_w(gaussian_log_w, elbo_samples, chunk)
             if vae.flow is None:
-                elbo_family = _mean_log_w(gaussian_log_w, elbo_samples, chunk)
+                elbo_family = elbo_gaussian
             else:
-                fam_mu, fam_rho = mu.detach().clone(), rho.detach().clone()
                 mu_f = loc0.detach().clone().requires_grad_()
                 rho_f = (scale0.detach() - 1e-5).clamp(min=1e-6).expm1().log().requires_grad_()
                 h = h0.detach().clone().requires_grad_()
@@ -1019,7 +1021,6 @@ def gap_decomposition(
 
                 _optimise([mu_f, rho_f, h], family_log_w, steps, lr, particles)
                 elbo_family = _mean_log_w(family_log_w, elbo_samples, chunk)
-                mu.data, rho.data = fam_mu, fam_rho
             local = _LocalRealNVP(n, zd, flow_layers, flow_hidden, x.new_zeros(()).to(mu.dtype)) if zd > 1 \
                 else None
 
@@ -1032,7 +1033,9 @@ def gap_decomposition(
 
             _optimise([mu, rho, *(local.parameters() if local is not None else [])], flexible_log_w, steps,
                       lr, particles)
-            elbo_flexible = _mean_log_w(flexible_log_w, elbo_samples, chunk)
+            # the best Gaussian is a member of the flexible family (the identity flow): keep
+            # whichever of the two scored higher
+            elbo_flexible = torch.maximum(_mean_log_w(flexible_log_w, elbo_samples, chunk), elbo_gaussian)
             def flexible_log_q(z: torch.Tensor) -> torch.Tensor:
                 base = dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
                 if local is None:
