@@ -384,7 +384,7 @@ def flows(args: argparse.Namespace) -> dict[str, Any]:
             _write(path, {**record, "status": "training"})
         last[0] = now
 
-    record["commit"] = os.environ.get("BENCH_COMMIT", record.get("commit"))
+    record.setdefault("commit", os.environ.get("BENCH_COMMIT"))  # the commit the run was trained at
     done = (run / "last.pt").exists() and load_checkpoint(run / "last.pt")["step"] >= \
         args.epochs * (load_dataset(args.data, "train").x.shape[0] // args.batch_size)
     if not done:
@@ -411,7 +411,7 @@ def flows(args: argparse.Namespace) -> dict[str, Any]:
             "elbo": float(e.mean()), "elbo_se": float(e.std() / n**0.5),
             "iwae": float(w.mean()), "iwae_se": float(w.std() / n**0.5),
             "gap": float((w - e).mean()), "eval_seconds": time.perf_counter() - t0,
-            "loadavg": os.getloadavg()[0],
+            "loadavg": os.getloadavg()[0], "commit": os.environ.get("BENCH_COMMIT"),
             "per_example_elbo": [round(float(t), 4) for t in e],
             "per_example_iwae": [round(float(t), 4) for t in w],
         }
@@ -443,7 +443,7 @@ def flows_gaps(args: argparse.Namespace) -> dict[str, Any]:
     record["gaps"] = {
         **g.summary(), "num_samples": args.iwae_k, "elbo_samples": args.gap_elbo_samples,
         "steps": args.gap_steps, "particles": args.gap_particles, "seconds": time.perf_counter() - t0,
-        "loadavg": os.getloadavg()[0],
+        "loadavg": os.getloadavg()[0], "commit": os.environ.get("BENCH_COMMIT"),
         "per_example": {name: [round(float(v), 4) for v in getattr(g, name)]
                         for name in ("log_px", "elbo_amortised", "elbo_family", "elbo_flexible")},
     }
