@@ -74,6 +74,20 @@ Which Pyro ELBO does what
 :meth:`VAE.elbo` and :meth:`VAE.iwae_log_likelihood` compute :math:`\mathcal{L}` and
 :math:`\mathcal{L}_K` per example for evaluation, in nats.
 
+A learned prior, KL warm-up, free bits, and where the gap sits
+--------------------------------------------------------------
+
+``prior_flow="realnvp"`` replaces :math:`\mathcal{N}(0, I)` by a flow density
+:math:`p_\psi(z)` trained with the rest, so the prior can match the aggregate posterior
+(Xu et al. 2019 report it gaining more than a flow posterior). ``kl_weight`` weights the
+KL term (a linear warm-up from near 0 to 1 eases the early epochs, where the KL otherwise
+switches latent dimensions off before the decoder uses them; Bowman et al. 2016,
+Sønderby et al. 2016), and ``free_bits`` exempts each dimension's first :math:`\lambda`
+nats (Kingma et al. 2016). :func:`gap_decomposition` measures, per example, how much of
+:math:`\log p(x) - \mathcal{L}(x)` is due to the posterior family (the approximation
+gap) and how much to the encoder (the amortisation gap), following Cremer, Li, Duvenaud
+(2018, arXiv:1801.03558).
+
 Writing one's own amortised flow guide
 --------------------------------------
 
