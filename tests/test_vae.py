@@ -499,6 +499,16 @@ def test_free_bits_change_the_gradient_only_below_the_threshold():
         z = pyro.distributions.Normal(mu, sd).rsample()
         recon = float(vae.likelihood_dist(z).log_prob(x).sum())
     assert loss == pytest.approx(-recon + 16 * float(kl_bar.clamp(min=mid).sum()), rel=1e-5)
+    # several particles, sequential or vectorised (the engine's --particles): the same term
+    for vectorize in (False, True):
+        values = []
+        for lam in (mid, 0.0):
+            vae.free_bits = lam
+            pyro.set_rng_seed(5)
+            elbo = TraceMeanField_ELBO(num_particles=3, vectorize_particles=vectorize, max_plate_nesting=1)
+            with torch.no_grad():
+                values.append(float(elbo.differentiable_loss(vae.model, vae.guide, x)))
+        assert values[0] - values[1] == pytest.approx(16 * float(torch.relu(mid - kl_bar).sum()), rel=1e-5)
 
 
 def test_free_bits_and_warm_up_are_checked():
