@@ -28,6 +28,13 @@ comparable. With ``--likelihood gaussian`` the model sees the intensities in
   (default 5), :class:`~pyro_genext.models.ImportanceWeightedELBO` (Pyro's
   ``RenyiELBO(alpha=0, num_particles=K)`` with a differentiable loss).
 
+``--kl-warmup N`` weights the KL term by :math:`\min(1, s/N)` in step :math:`s`
+(:func:`~pyro_genext.models.vae.kl_warmup_weight`, set before each step through the
+engine's ``on_step`` hook, so ``--resume`` mid-warm-up is exact); ``--free-bits LAMBDA``
+exempts each latent dimension's first :math:`\lambda` nats of batch-mean KL (Gaussian
+posterior and prior); both need ``--objective elbo``. ``--prior-flow nice|realnvp`` learns
+the prior :math:`p(z)` as a flow density over the latent space.
+
 Validation reports ``nelbo``, minus the ELBO in nats per example (one draw per example),
 and selects ``best.pt`` by it. ``evaluate`` reports the test ELBO (``--elbo-particles``
 draws) and the IWAE estimate of :math:`\log p(x)` with ``--num-samples K`` (default 5000),
