@@ -509,6 +509,12 @@ def test_free_bits_change_the_gradient_only_below_the_threshold():
             with torch.no_grad():
                 values.append(float(elbo.differentiable_loss(vae.model, vae.guide, x)))
         assert values[0] - values[1] == pytest.approx(16 * float(torch.relu(mid - kl_bar).sum()), rel=1e-5)
+    # integer data (converted afresh in model and guide) get the term too
+    vae.free_bits = mid
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        as_int = float(TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x.long()))
+    assert as_int == pytest.approx(loss, rel=1e-6)
 
 
 def test_free_bits_and_warm_up_are_checked():

@@ -503,13 +503,13 @@ class VAE(PyroModule):
                 of it: the plate scales the batch's terms by ``size / N``, so the loss is
                 an unbiased estimate of the full data set's. ``None``: ``N``.
         """
-        x = self._check_data(x, batched=True)
+        given, x = x, self._check_data(x, batched=True)
         n = self._plate_size(x, size)
         self._register("decoder", self.decoder)
         if self.prior_flow is not None:
             self._register("prior_flow", self.prior_flow)
         term, self._free_bits_term = self._free_bits_term, None
-        if term is not None and term[0] is x:  # the guide of this very ELBO evaluation left it
+        if term is not None and term[0] is given:  # the guide of this very ELBO evaluation left it
             pyro.factor("free_bits", term[1])
         with pyro.plate("data", n, subsample=torch.arange(x.shape[0], device=x.device)):
             with self._kl_scale():
@@ -519,7 +519,7 @@ class VAE(PyroModule):
     def guide(self, x: torch.Tensor, size: int | None = None) -> None:
         r"""The amortised posterior :math:`q(z \mid x)` at site ``"z"`` (see
         :meth:`posterior`), in the same plate as :meth:`model`; takes the same arguments."""
-        x = self._check_data(x, batched=True)
+        given, x = x, self._check_data(x, batched=True)
         n = self._plate_size(x, size)
         self._register("encoder", self.encoder)
         if self.flow is not None:
@@ -534,7 +534,7 @@ class VAE(PyroModule):
             # the model adds  -beta * size * sum_j relu(lambda - mean_n KL_nj)  to the joint
             kl = _normal_kl_per_dim(q.base_dist.loc, q.base_dist.scale).mean(0)
             shortfall = torch.relu(self.free_bits - kl).sum()
-            self._free_bits_term = (x, -self.kl_weight * n * shortfall)
+            self._free_bits_term = (given, -self.kl_weight * n * shortfall)
 
     @contextmanager
     def _kl_scale(self) -> Iterator[None]:
