@@ -480,6 +480,17 @@ def flows_table(args: argparse.Namespace) -> dict[str, Any]:
             if vals:
                 row[key] = statistics.fmean(vals)
                 row[f"{key}_seeds"] = len(vals)
+        # against the Gaussian VAE of the same seed, image by image (the same binarised images)
+        diffs = []
+        for r in done:
+            g = next((q for q in runs.get("gaussian", []) if q["seed"] == r["seed"] and "test" in q), None)
+            if g is not None and name != "gaussian":
+                d = torch.tensor(r["test"]["per_example_iwae"], dtype=torch.float64) - torch.tensor(
+                    g["test"]["per_example_iwae"], dtype=torch.float64)
+                diffs.append((float(d.mean()), float(d.std() / len(d) ** 0.5)))
+        if diffs:
+            row["iwae_vs_gaussian"] = [m for m, _ in diffs]
+            row["iwae_vs_gaussian_se"] = [e for _, e in diffs]
         secs = [c["seconds"] for r in runs[name] for c in r["curve"][1:]]
         loads = [c["loadavg"] for r in runs[name] for c in r["curve"][1:]]
         if secs:
@@ -499,7 +510,8 @@ def flows_table(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name:26s} {len(done):5d} {cell('iwae', 17)} {cell('elbo', 17)} {gap('gap', 6)} "
               f"{gap('approximation_gap', 7)} {gap('amortisation_gap', 7)} {gap('flexible_gap', 6)} "
               f"{row.get('seconds_per_epoch_median', math.nan):8.1f} "
-              f"{row.get('loadavg_median', math.nan):5.1f}")
+              f"{row.get('loadavg_median', math.nan):5.1f}"
+              + ("  vs gaussian: " + ", ".join(f"{m:+.2f} (se {e:.2f})" for m, e in diffs) if diffs else ""))
     if args.out is not None and runs:
         import matplotlib
 
