@@ -551,6 +551,13 @@ def test_flow_prior_log_density_is_the_change_of_variables(flow):
     assert torch.allclose(got, torch.stack(brute), atol=1e-8)
     draws = vae.sample(7)  # sampling goes through the flow
     assert draws.shape == (7, 5)
+    # the model alone draws z from the flow prior and scores it with the same density
+    trace = poutine.trace(vae.model).get_trace(torch.rand(3, 5).bernoulli())
+    site = trace.nodes["z"]
+    assert site["value"].shape == (3, 3) and not site["is_observed"]
+    with torch.no_grad():
+        z = site["value"]
+        assert torch.allclose(site["fn"].log_prob(z.clone()), vae.prior((3,)).log_prob(z))
 
 
 def test_iwae_with_a_flow_prior_approaches_the_exact_log_likelihood():
