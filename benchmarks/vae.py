@@ -512,6 +512,8 @@ def flows_table(args: argparse.Namespace) -> dict[str, Any]:
               f"{row.get('seconds_per_epoch_median', math.nan):8.1f} "
               f"{row.get('loadavg_median', math.nan):5.1f}"
               + ("  vs gaussian: " + ", ".join(f"{m:+.2f} (se {e:.2f})" for m, e in diffs) if diffs else ""))
+    if args.rst:
+        print_rst(table)
     if args.out is not None and runs:
         import matplotlib
 
@@ -538,6 +540,34 @@ def flows_table(args: argparse.Namespace) -> dict[str, Any]:
     return {"table": table}
 
 
+def print_rst(table: dict[str, dict[str, Any]]) -> None:
+    """The summary as the reStructuredText table of docs/benchmarks_vae.rst."""
+    head = ("configuration", "seeds", "test IWAE", "vs Gaussian", "test ELBO", "gap", "approx.", "amort.",
+            "flexible", "s/epoch")
+    rows = []
+    for name, r in table.items():
+        if "iwae" not in r:
+            continue
+        pm = len(r["seeds"]) > 1
+
+        def mean(key: str, r: dict[str, Any] = r, pm: bool = pm) -> str:
+            return f"{r[key]:.2f}" + (f" +-{r[key + '_spread']:.2f}" if pm else "")
+
+        vs = ", ".join(f"{m:+.2f}" for m in r.get("iwae_vs_gaussian", []))
+        keys = ("approximation_gap", "amortisation_gap", "flexible_gap")
+        gaps = [f"{r[k]:.2f}" if k in r else "" for k in keys]
+        rows.append((name, ",".join(map(str, r["seeds"])), mean("iwae"), vs, mean("elbo"), f"{r['gap']:.2f}",
+                     *gaps, f"{r.get('seconds_per_epoch_median', math.nan):.1f}"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    rule = "  ".join("=" * w for w in widths)
+    print(rule)
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print(rule)
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(rule)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=("quality", "timing", "curve", "flows", "flows-gaps", "flows-table"))
@@ -547,6 +577,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=Path, default=Path("runs/flows"), help="flows: the runs' folder")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/vae_flows"),
                    help="flows: one JSON per run")
+    p.add_argument("--rst", action="store_true", help="flows-table: also as a reStructuredText table")
     p.add_argument("--gap-examples", type=int, default=100, help="flows-gaps: test images decomposed")
     p.add_argument("--gap-steps", type=int, default=300, help="flows-gaps: Adam steps per local posterior")
     p.add_argument("--gap-particles", type=int, default=8, help="flows-gaps: draws per step")
