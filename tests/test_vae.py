@@ -443,7 +443,7 @@ def test_kl_weight_scales_the_closed_form_kl_and_the_monte_carlo_kl():
     def loss(v: VAE, beta: float, elbo) -> float:
         v.kl_weight = beta
         pyro.set_rng_seed(3)
-        return float(elbo.differentiable_loss(v.model, v.guide, x))
+        return float(elbo.differentiable_loss(v.model, v.guide, x).detach())
 
     with torch.no_grad():
         mu, sd, _ = vae.encoder(x)
