@@ -35,6 +35,26 @@ Usage::
     python benchmarks/vae.py curve --run runs/vae --out curve.png   # a training run's curve
 
 ``curve``: the validation -ELBO per epoch of a ``pyro-genext train vae`` run, as a figure.
+
+``flows``: one run of the flow-posterior/flow-prior study (docs/benchmarks_vae.rst): one
+of the configurations of ``FLOW_CONFIGS`` (Gaussian posterior, RealNVP posterior, RealNVP
+prior, both; each with ``--kl-warmup`` or without) and one seed, trained through the engine
+on the ELBO with a checkpoint in ``--runs`` (an interrupted run resumes), its learning curve
+(validation -ELBO, wall time and load average per epoch) written to ``--results/NAME.json``
+at every validation, then its best checkpoint scored: the test ELBO and the IWAE
+log-likelihood (``--iwae-k``) per image of the first ``--iwae-examples`` test images, kept
+per image so that configurations can be compared on the same images. ``flows-gaps`` adds
+the gap decomposition (:func:`pyro_genext.models.vae.gap_decomposition`) of a finished
+run on the first ``--gap-examples`` test images; ``flows-table`` prints the summary of
+every JSON in ``--results`` and the learning curves' figure::
+
+    for seed in 0 1; do for c in gaussian realnvp-posterior realnvp-prior realnvp-both; do
+        for w in "" -warmup; do
+            python benchmarks/vae.py flows --config $c$w --seed $seed --runs runs/flows \
+                --results benchmarks/results/vae_flows
+    done; done; done
+    python benchmarks/vae.py flows-table --results benchmarks/results/vae_flows \
+        --out docs/_static/vae_flows_curves.png
 """
 
 from __future__ import annotations
@@ -288,6 +308,7 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     state = load_checkpoint(args.run / "last.pt")
+    args.out = args.out or Path("vae_curve.png")
     hist = state["history"]
     epochs = [h["epoch"] + 1 for h in hist]
     nelbo = [h["nelbo_mean"] for h in hist]
@@ -306,11 +327,263 @@ def curve(args: argparse.Namespace) -> dict[str, Any]:
     return {"epochs": epochs, "val_nelbo": nelbo, "step": state["step"]}
 
 
+# ---------------------------------------------------------------------------- flows study
+#: name -> (posterior_flow, prior_flow); each also with "-warmup" (``--kl-warmup``)
+FLOW_CONFIGS = {
+    "gaussian": ("none", "none"),
+    "realnvp-posterior": ("realnvp", "none"),
+    "realnvp-prior": ("none", "realnvp"),
+    "realnvp-both": ("realnvp", "realnvp"),
+}
+
+
+def flow_settings(args: argparse.Namespace) -> dict[str, Any]:
+    name = args.config.removesuffix("-warmup")
+    if name not in FLOW_CONFIGS:
+        raise SystemExit(f"expected --config one of {sorted(FLOW_CONFIGS)} (optionally -warmup), "
+                         f"got {args.config!r}")
+    posterior, prior = FLOW_CONFIGS[name]
+    return {
+        "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed, "z_dim": args.z_dim, "hidden": args.hidden, "posterior_flow": posterior,
+        "prior_flow": prior, "num_flows": args.num_flows, "flow_hidden": args.flow_hidden,
+        "objective": "elbo", "kl_warmup": args.kl_warmup if args.config.endswith("-warmup") else 0,
+        "checkpoint_every": 100, "log_interval": 0,
+    }
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def flows(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+    import re
+
+    s = flow_settings(args)
+    run = args.runs / f"{args.config}-s{args.seed}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{args.config}-s{args.seed}.json"
+    record: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    record.update(config=args.config, seed=args.seed, settings=s)
+    curve: list[dict[str, Any]] = record.setdefault("curve", [])
+    last = [time.perf_counter()]
+    pattern = re.compile(r"step (\d+)/\d+ epoch (\d+): val nelbo ([-\d.]+)")
+
+    def log(line: str) -> None:
+        m = pattern.search(line)
+        if m is None:
+            return
+        now = time.perf_counter()
+        step = int(m.group(1))
+        if not any(c["step"] == step for c in curve):
+            curve.append({"step": step, "epoch": int(m.group(2)) + 1, "val_nelbo": float(m.group(3)),
+                          "seconds": now - last[0], "loadavg": os.getloadavg()[0]})
+            _write(path, {**record, "status": "training"})
+        last[0] = now
+
+    record.setdefault("commit", os.environ.get("BENCH_COMMIT"))  # the commit the run was trained at
+    done = (run / "last.pt").exists() and load_checkpoint(run / "last.pt")["step"] >= \
+        args.epochs * (load_dataset(args.data, "train").x.shape[0] // args.batch_size)
+    if not done:
+        last[0] = time.perf_counter()
+        fit("vae", s, run, resume=(run / "last.pt").exists(), progress=False, log=log)
+    if "test" not in record:
+        state = load_checkpoint(run / "best.pt")
+        module, _, _ = module_from_checkpoint(state)
+        test = load_dataset(args.data, "test")
+        x = test.x[: args.iwae_examples]
+        t0 = time.perf_counter()
+
+        def both(m: Any, xb: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"elbo": m.elbo(xb, num_particles=args.elbo_particles),
+                    "iwae": m.iwae_log_likelihood(xb, num_samples=args.iwae_k)}
+
+        v = per_example_metrics(dataclasses.replace(VAE_KIND, metrics=both), module, x, args.seed, "test",
+                                batch_size=100)
+        e, w = v["elbo"].double(), v["iwae"].double()
+        n = len(e)
+        record["test"] = {
+            "best_step": state["best_step"], "best_epoch": state["epoch"] + 1, "num_examples": n,
+            "iwae_k": args.iwae_k, "elbo_particles": args.elbo_particles,
+            "elbo": float(e.mean()), "elbo_se": float(e.std() / n**0.5),
+            "iwae": float(w.mean()), "iwae_se": float(w.std() / n**0.5),
+            "gap": float((w - e).mean()), "eval_seconds": time.perf_counter() - t0,
+            "loadavg": os.getloadavg()[0], "commit": os.environ.get("BENCH_COMMIT"),
+            "per_example_elbo": [round(float(t), 4) for t in e],
+            "per_example_iwae": [round(float(t), 4) for t in w],
+        }
+    record["status"] = "evaluated"
+    _write(path, record)
+    t = record["test"]
+    print(f"{args.config} seed {args.seed}: test ELBO {t['elbo']:.3f} IWAE {t['iwae']:.3f} (K={t['iwae_k']}, "
+          f"{t['num_examples']} images), best epoch {t['best_epoch']}", flush=True)
+    return {"result": str(path)}
+
+
+def flows_gaps(args: argparse.Namespace) -> dict[str, Any]:
+    """The gap decomposition of a finished ``flows`` run, added to its JSON."""
+    import os
+
+    from pyro_genext.models.vae import gap_decomposition
+
+    path = args.results / f"{args.config}-s{args.seed}.json"
+    record = json.loads(path.read_text())
+    if record.get("status") != "evaluated":
+        raise SystemExit(f"{path}: the run is not finished and evaluated yet")
+    state = load_checkpoint(args.runs / f"{args.config}-s{args.seed}" / "best.pt")
+    module, _, _ = module_from_checkpoint(state)
+    test = load_dataset(args.data, "test")
+    x = fixed_test(test.x[: args.gap_examples], module, args.seed)
+    t0 = time.perf_counter()
+    g = gap_decomposition(module, x, num_samples=args.iwae_k, elbo_samples=args.gap_elbo_samples,
+                          steps=args.gap_steps, particles=args.gap_particles, seed=args.seed)
+    record["gaps"] = {
+        **g.summary(), "num_samples": args.iwae_k, "elbo_samples": args.gap_elbo_samples,
+        "steps": args.gap_steps, "particles": args.gap_particles, "seconds": time.perf_counter() - t0,
+        "loadavg": os.getloadavg()[0], "commit": os.environ.get("BENCH_COMMIT"),
+        "per_example": {name: [round(float(v), 4) for v in getattr(g, name)]
+                        for name in ("log_px", "elbo_amortised", "elbo_family", "elbo_flexible")},
+    }
+    _write(path, record)
+    r = record["gaps"]
+    print(f"{args.config} seed {args.seed} ({r['num_examples']} images, {r['seconds']:.0f} s): log p(x) "
+          f"{r['log_px']:.3f}, ELBO amortised {r['elbo_amortised']:.3f}, best of family "
+          f"{r['elbo_family']:.3f}, flexible {r['elbo_flexible']:.3f}; approximation gap "
+          f"{r['approximation_gap']:.3f}, amortisation gap {r['amortisation_gap']:.3f}", flush=True)
+    return {"result": str(path)}
+
+
+def flows_table(args: argparse.Namespace) -> dict[str, Any]:
+    """The study's summary over seeds (mean, and the spread max - min), and a figure of the
+    learning curves."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(args.results.glob("*.json")):
+        r = json.loads(path.read_text())
+        runs.setdefault(r["config"], []).append(r)
+    order = [c + w for w in ("", "-warmup") for c in FLOW_CONFIGS]
+    table: dict[str, dict[str, Any]] = {}
+    print(f"{'configuration':26s} {'seeds':>5s} {'test IWAE':>17s} {'test ELBO':>17s} {'gap':>6s} "
+          f"{'approx':>7s} {'amort':>7s} {'flex':>6s} {'s/epoch':>8s} {'load':>5s}")
+    for name in [c for c in order if c in runs]:
+        done = [r for r in runs[name] if "test" in r]
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in done],
+                               "epochs": [len(r["curve"]) for r in runs[name]]}
+        for key in ("iwae", "elbo", "gap"):
+            vals = [r["test"][key] for r in done]
+            if vals:
+                row[key], row[f"{key}_spread"] = statistics.fmean(vals), max(vals) - min(vals)
+        for key in ("approximation_gap", "amortisation_gap", "flexible_gap"):
+            vals = [r["gaps"][key] for r in done if "gaps" in r]
+            if vals:
+                row[key] = statistics.fmean(vals)
+                row[f"{key}_seeds"] = len(vals)
+        # against the Gaussian VAE of the same seed, image by image (the same binarised images)
+        diffs = []
+        for r in done:
+            g = next((q for q in runs.get("gaussian", []) if q["seed"] == r["seed"] and "test" in q), None)
+            if g is not None and name != "gaussian":
+                d = torch.tensor(r["test"]["per_example_iwae"], dtype=torch.float64) - torch.tensor(
+                    g["test"]["per_example_iwae"], dtype=torch.float64)
+                diffs.append((float(d.mean()), float(d.std() / len(d) ** 0.5)))
+        if diffs:
+            row["iwae_vs_gaussian"] = [m for m, _ in diffs]
+            row["iwae_vs_gaussian_se"] = [e for _, e in diffs]
+        secs = [c["seconds"] for r in runs[name] for c in r["curve"][1:]]
+        loads = [c["loadavg"] for r in runs[name] for c in r["curve"][1:]]
+        if secs:
+            row["seconds_per_epoch_median"] = statistics.median(secs)
+            row["loadavg_median"] = statistics.median(loads)
+        table[name] = row
+
+        def cell(key: str, width: int, row: dict[str, Any] = row, seeds: int = len(done)) -> str:
+            if key not in row:
+                return f"{'':>{width}s}"
+            text = f"{row[key]:.2f}" + (f" +-{row[key + '_spread']:.2f}" if seeds > 1 else "")
+            return f"{text:>{width}s}"
+
+        def gap(key: str, width: int, row: dict[str, Any] = row) -> str:
+            return f"{row[key]:{width}.2f}" if key in row else f"{'':>{width}s}"
+
+        print(f"{name:26s} {len(done):5d} {cell('iwae', 17)} {cell('elbo', 17)} {gap('gap', 6)} "
+              f"{gap('approximation_gap', 7)} {gap('amortisation_gap', 7)} {gap('flexible_gap', 6)} "
+              f"{row.get('seconds_per_epoch_median', math.nan):8.1f} "
+              f"{row.get('loadavg_median', math.nan):5.1f}"
+              + ("  vs gaussian: " + ", ".join(f"{m:+.2f} (se {e:.2f})" for m, e in diffs) if diffs else ""))
+    if args.rst:
+        print_rst(table)
+    if args.out is not None and runs:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        colours = dict(zip(FLOW_CONFIGS, ("C0", "C1", "C2", "C3")))
+        for name in [c for c in order if c in runs]:
+            for i, r in enumerate(runs[name]):
+                ep = [c["epoch"] for c in r["curve"]]
+                ax.plot(ep, [-c["val_nelbo"] for c in r["curve"]],
+                        color=colours[name.removesuffix("-warmup")],
+                        ls="--" if name.endswith("-warmup") else "-", lw=1,
+                        label=name if i == 0 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation ELBO (nats/image)")
+        ax.set_ylim(bottom=max(ax.get_ylim()[0], ax.get_ylim()[1] - 25))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.savefig(args.out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        print(f"learning curves in {args.out}")
+    return {"table": table}
+
+
+def print_rst(table: dict[str, dict[str, Any]]) -> None:
+    """The summary as the reStructuredText table of docs/benchmarks_vae.rst."""
+    head = ("configuration", "seeds", "test IWAE", "vs Gaussian", "test ELBO", "gap", "approx.", "amort.",
+            "flexible", "s/epoch")
+    rows = []
+    for name, r in table.items():
+        if "iwae" not in r:
+            continue
+        pm = len(r["seeds"]) > 1
+
+        def mean(key: str, r: dict[str, Any] = r, pm: bool = pm) -> str:
+            return f"{r[key]:.2f}" + (f" +-{r[key + '_spread']:.2f}" if pm else "")
+
+        vs = ", ".join(f"{m:+.2f}" for m in r.get("iwae_vs_gaussian", []))
+        keys = ("approximation_gap", "amortisation_gap", "flexible_gap")
+        gaps = [f"{r[k]:.2f}" if k in r else "" for k in keys]
+        rows.append((name, ",".join(map(str, r["seeds"])), mean("iwae"), vs, mean("elbo"), f"{r['gap']:.2f}",
+                     *gaps, f"{r.get('seconds_per_epoch_median', math.nan):.1f}"))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
+    rule = "  ".join("=" * w for w in widths)
+    print(rule)
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print(rule)
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(rule)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("quality", "timing", "curve"))
+    p.add_argument("what", choices=("quality", "timing", "curve", "flows", "flows-gaps", "flows-table"))
+    p.add_argument("--config", default="gaussian", help="flows: a FLOW_CONFIGS name, or NAME-warmup")
+    p.add_argument("--seed", type=int, default=0, help="flows: the run's seed")
+    p.add_argument("--kl-warmup", type=int, default=2500, help="flows: steps of the -warmup configurations")
+    p.add_argument("--runs", type=Path, default=Path("runs/flows"), help="flows: the runs' folder")
+    p.add_argument("--results", type=Path, default=Path("benchmarks/results/vae_flows"),
+                   help="flows: one JSON per run")
+    p.add_argument("--rst", action="store_true", help="flows-table: also as a reStructuredText table")
+    p.add_argument("--gap-examples", type=int, default=100, help="flows-gaps: test images decomposed")
+    p.add_argument("--gap-steps", type=int, default=300, help="flows-gaps: Adam steps per local posterior")
+    p.add_argument("--gap-particles", type=int, default=8, help="flows-gaps: draws per step")
+    p.add_argument("--gap-elbo-samples", type=int, default=200, help="flows-gaps: draws per ELBO estimate")
     p.add_argument("--run", type=Path, default=None, help="curve: the run folder")
-    p.add_argument("--out", type=Path, default=Path("vae_curve.png"), help="curve: the figure")
+    p.add_argument("--out", type=Path, default=None, help="curve, flows-table: the figure")
     p.add_argument("--quick", action="store_true", help="smoke test: digits, 2 epochs, K=50")
     p.add_argument("--data", default="digits", choices=("digits", "fashion-mnist", "mnist"))
     p.add_argument("--epochs", type=int, default=20)
@@ -337,6 +610,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.data, args.epochs, args.iwae_k, args.iwae_examples = "digits", 2, 50, 40
         args.hidden, args.flow_hidden, args.repeats, args.timing_steps = [64], [16], 2, 5
+        args.kl_warmup = 10
     return args
 
 
@@ -344,7 +618,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     machine = _machine(1)
-    out = {"quality": quality, "timing": timing, "curve": curve}[args.what](args)
+    out = {"quality": quality, "timing": timing, "curve": curve, "flows": flows, "flows-gaps": flows_gaps,
+           "flows-table": flows_table}[args.what](args)
     out.update(machine=machine, loadavg_end=__import__("os").getloadavg(), command=sys.argv,
                settings={k: v for k, v in vars(args).items() if k != "json"})
     print(f"load average at the start {machine['loadavg_start']}, at the end {out['loadavg_end']}")

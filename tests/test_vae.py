@@ -430,3 +430,261 @@ def test_methods_under_no_grad_and_inference_mode(context, flow):
             inside = call()
         assert torch.allclose(inside, plain[name]), name
         inside + torch.ones_like(inside, requires_grad=True)  # usable outside the context
+
+
+# ----------------------------------------------------------------------------- KL warm-up, free bits
+def test_kl_weight_scales_the_closed_form_kl_and_the_monte_carlo_kl():
+    """loss(beta) = -E log p(x|z) + beta * KL with the same draw: linear in beta, and with the
+    closed form its slope is the textbook KL of the encoder's Gaussian."""
+    x = torch.rand(6, 5).bernoulli()
+    vae = VAE(5, 3, hidden_dims=(8,))
+    perturb(vae)
+
+    def loss(v: VAE, beta: float, elbo) -> float:
+        v.kl_weight = beta
+        pyro.set_rng_seed(3)
+        return float(elbo.differentiable_loss(v.model, v.guide, x).detach())
+
+    with torch.no_grad():
+        mu, sd, _ = vae.encoder(x)
+    kl = float((0.5 * (sd**2 + mu**2 - 1) - torch.log(sd)).sum())
+    mf = TraceMeanField_ELBO()
+    assert loss(vae, 1.0, mf) - loss(vae, 0.25, mf) == pytest.approx(0.75 * kl, rel=1e-5)
+    flow = VAE(5, 3, hidden_dims=(8,), prior_flow="realnvp", num_flows=2, flow_hidden_dims=(8,))
+    perturb(flow)
+    values = [loss(flow, b, Trace_ELBO()) for b in (0.25, 0.5, 1.0)]
+    assert values[2] - values[1] == pytest.approx(2 * (values[1] - values[0]), rel=1e-4)
+    assert abs(values[2] - values[0]) > 1e-3  # the prior's term does move with the weight
+
+
+def test_free_bits_change_the_gradient_only_below_the_threshold():
+    """The loss with free bits lambda has the gradient of -E log p(x|z) + sum over the
+    dimensions whose batch-mean KL is >= lambda of their KL, written out by hand here."""
+    x = torch.rand(16, 6).bernoulli()
+    vae = VAE(6, 4, hidden_dims=(10,))
+    perturb(vae)
+    with torch.no_grad():
+        mu, sd, _ = vae.encoder(x)
+    kl_bar = (0.5 * (sd**2 + mu**2 - 1) - torch.log(sd)).mean(0)
+    ranked = kl_bar.sort().values
+    assert float(ranked[1] - ranked[0]) > 1e-3 and float(ranked[2] - ranked[1]) > 1e-3
+
+    def grads(lam: float, by_hand: bool) -> list[torch.Tensor]:
+        vae.zero_grad()
+        pyro.set_rng_seed(5)
+        if by_hand:
+            loc, scale, _ = vae.encoder(x)
+            z = pyro.distributions.Normal(loc, scale).rsample()
+            recon = vae.likelihood_dist(z).log_prob(x).sum()
+            kl = 0.5 * (scale**2 + loc**2 - 1) - torch.log(scale)
+            above = kl.mean(0).detach() >= lam
+            (-(recon - kl[:, above].sum())).backward()
+        else:
+            vae.free_bits = lam
+            TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x).backward()
+        return [p.grad.clone() for p in vae.parameters()]
+
+    for lam in (0.0, float((ranked[1] + ranked[2]) / 2), float(ranked[-1]) + 1.0):
+        for a, b in zip(grads(lam, False), grads(lam, True)):
+            assert torch.allclose(a, b, atol=1e-5), lam
+    # and the threshold matters: with half the dimensions free the gradient differs from none
+    mid = float((ranked[1] + ranked[2]) / 2)
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(grads(mid, False), grads(0.0, False)))
+    # the loss's value is -recon + sum_j max(lambda, KL_j) * N
+    vae.free_bits = mid
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        loss = float(TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x))
+        pyro.set_rng_seed(5)
+        z = pyro.distributions.Normal(mu, sd).rsample()
+        recon = float(vae.likelihood_dist(z).log_prob(x).sum())
+    assert loss == pytest.approx(-recon + 16 * float(kl_bar.clamp(min=mid).sum()), rel=1e-5)
+    # several particles, sequential or vectorised (the engine's --particles): the same term
+    for vectorize in (False, True):
+        values = []
+        for lam in (mid, 0.0):
+            vae.free_bits = lam
+            pyro.set_rng_seed(5)
+            elbo = TraceMeanField_ELBO(num_particles=3, vectorize_particles=vectorize, max_plate_nesting=1)
+            with torch.no_grad():
+                values.append(float(elbo.differentiable_loss(vae.model, vae.guide, x)))
+        assert values[0] - values[1] == pytest.approx(16 * float(torch.relu(mid - kl_bar).sum()), rel=1e-5)
+    # integer data (converted afresh in model and guide) get the term too
+    vae.free_bits = mid
+    pyro.set_rng_seed(5)
+    with torch.no_grad():
+        as_int = float(TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x.long()))
+    assert as_int == pytest.approx(loss, rel=1e-6)
+
+
+def test_free_bits_and_warm_up_are_checked():
+    with pytest.raises(ValueError, match="free_bits needs the closed-form KL"):
+        VAE(5, 3, posterior_flow="realnvp", free_bits=0.5)
+    with pytest.raises(ValueError, match="free_bits needs the closed-form KL"):
+        VAE(5, 3, prior_flow="nice", free_bits=0.5)
+    with pytest.raises(ValueError, match="free_bits a finite number"):
+        VAE(5, 3, free_bits=-1.0)
+    from pyro_genext.models import kl_warmup_weight
+
+    assert [kl_warmup_weight(s, 3) for s in (0, 1, 2, 3, 10)] == [1 / 3, 2 / 3, 1.0, 1.0, 1.0]
+    assert kl_warmup_weight(0, 0) == 1.0
+    with pytest.raises(ValueError, match="warmup a non-negative integer"):
+        kl_warmup_weight(0, -2)
+
+
+# ----------------------------------------------------------------------------- flow prior
+@pytest.mark.parametrize("flow", ["nice", "realnvp"])
+def test_flow_prior_log_density_is_the_change_of_variables(flow):
+    torch.set_default_dtype(torch.float64)
+    vae = VAE(5, 3, hidden_dims=(6,), prior_flow=flow, num_flows=3, flow_hidden_dims=(7,))
+    perturb(vae, 0.5)
+    u = torch.randn(4, 3)
+    with torch.no_grad():
+        z = vae.prior_flow(u)
+    assert not torch.allclose(z, u)
+    brute = []
+    for i in range(4):
+        jac = torch.autograd.functional.jacobian(vae.prior_flow, u[i])
+        brute.append(torch.distributions.Normal(0.0, 1.0).log_prob(u[i]).sum() - torch.linalg.slogdet(jac)[1])
+    with torch.no_grad():
+        got = vae.prior((4,)).log_prob(z.clone())  # a fresh tensor: the inverse pass, no cache
+    assert torch.allclose(got, torch.stack(brute), atol=1e-8)
+    draws = vae.sample(7)  # sampling goes through the flow
+    assert draws.shape == (7, 5)
+    # the model alone draws z from the flow prior and scores it with the same density
+    trace = poutine.trace(vae.model).get_trace(torch.rand(3, 5).bernoulli())
+    site = trace.nodes["z"]
+    assert site["value"].shape == (3, 3) and not site["is_observed"]
+    with torch.no_grad():
+        z = site["value"]
+        assert torch.allclose(site["fn"].log_prob(z.clone()), vae.prior((3,)).log_prob(z))
+
+
+def test_iwae_with_a_flow_prior_approaches_the_exact_log_likelihood():
+    """z in 2-D: log p(x) = log of the integral of p(z) p(x|z) over a grid (quadrature)."""
+    torch.set_default_dtype(torch.float64)
+    vae = VAE(4, 2, hidden_dims=(8,), prior_flow="realnvp", posterior_flow="realnvp", num_flows=2,
+              flow_hidden_dims=(8,))
+    perturb(vae, 0.3)
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
+    t = torch.linspace(-9, 9, 601)
+    grid = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    cell = float((t[1] - t[0]) ** 2)
+    with torch.no_grad():
+        log_prior = vae.prior(grid.shape[:1]).log_prob(grid)
+        assert float(log_prior.exp().sum() * cell) == pytest.approx(1.0, abs=1e-3)  # the grid holds p(z)
+        lik = vae.likelihood_dist(grid.unsqueeze(1)).log_prob(x)  # (G, 2)
+        exact = torch.logsumexp(log_prior.unsqueeze(1) + lik, 0) + math.log(cell)
+    torch.manual_seed(0)
+    iwae = vae.iwae_log_likelihood(x, 20000)
+    elbo = vae.elbo(x, 2000)
+    assert torch.allclose(iwae, exact, atol=0.02), (iwae, exact)
+    assert bool((elbo < exact - 0.01).all())
+
+
+# ----------------------------------------------------------------------------- gap decomposition
+def test_gap_decomposition_on_a_linear_gaussian_vae_matches_the_closed_forms():
+    """x = W z + c + s eps: the posterior is N(m, Lambda^-1), Lambda = I + W^T W / s^2. The
+    best diagonal Gaussian keeps the diagonal precisions, so its gap is the KL
+    0.5 (sum_i log Lambda_ii - log det Lambda); a flexible posterior closes it."""
+    torch.set_default_dtype(torch.float64)
+    vae = linear_gaussian(4, 2, 0.5)
+    w = torch.tensor([[1.0, 0.8], [0.9, 1.0], [0.5, 0.7], [0.2, 0.1]])  # correlated columns
+    with torch.no_grad():
+        vae.decoder.head[0].weight.copy_(w)
+    x = torch.randn(5, 4)
+    lam = torch.eye(2) + w.T @ w / 0.25
+    approximation = 0.5 * (torch.log(torch.diagonal(lam)).sum() - torch.logdet(lam))
+    assert float(approximation) > 0.5  # a case where the family matters
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    from pyro_genext.models import gap_decomposition
+
+    g = gap_decomposition(vae, x, num_samples=2000, elbo_samples=4000, steps=500)
+    log_px = exact_log_px(vae, x)
+    # the random encoder is far from the posterior: its log-weights vary by nats, hence the tolerance
+    assert torch.allclose(g.elbo_amortised, exact_elbo(vae, x), atol=0.5)
+    best = log_px - approximation
+    assert torch.allclose(g.elbo_family, best, atol=0.04), (g.elbo_family, best)
+    assert bool((log_px - g.elbo_flexible < 0.05).all()), log_px - g.elbo_flexible
+    assert bool((log_px - g.elbo_flexible > -0.02).all())  # an ELBO, up to Monte Carlo noise
+    assert bool(((g.log_px - log_px).abs() < 4 * g.log_px_se + 0.01).all()), (g.log_px - log_px, g.log_px_se)
+    assert torch.allclose(g.approximation_gap + g.amortisation_gap, g.total_gap)
+    assert abs(g.summary()["approximation_gap"] - float(approximation)) < 0.03
+    for k, v in vae.state_dict().items():  # the decoder was frozen, nothing moved
+        assert torch.equal(v, before[k]), k
+    assert all(p.requires_grad for p in vae.parameters())
+
+
+def test_gap_decomposition_of_a_flow_posterior_optimises_its_own_family():
+    vae = VAE(6, 2, hidden_dims=(8,), posterior_flow="realnvp", num_flows=2, flow_hidden_dims=(8,))
+    perturb(vae)
+    x = torch.rand(4, 6).bernoulli()
+    from pyro_genext.models import gap_decomposition
+
+    g = gap_decomposition(vae, x, num_samples=500, elbo_samples=500, steps=200)
+    assert bool((g.amortisation_gap > -0.05).all()), g.amortisation_gap  # started at the encoder's
+    assert bool((g.flexible_gap > -0.1).all()) and bool((g.log_px_se < 0.1).all())
+    with pytest.raises(ValueError, match="expected steps a positive integer"):
+        gap_decomposition(vae, x, steps=0)
+    with pytest.raises(ValueError, match="expected at least one example"):
+        gap_decomposition(vae, x[:0])
+
+
+# ----------------------------------------------------------------------------- defects found in review
+def test_iwae_chunks_are_sized_by_what_the_networks_allocate():
+    """A 2-D Gaussian VAE with hidden widths 512/256: each draw allocates about 770 hidden
+    activations per example, not the 2 of the data's width; the chunks must bound them."""
+    vae = VAE(2, 2, likelihood="gaussian")
+    largest = [0]
+    forward = vae.decoder.forward
+
+    def recording(z):
+        largest[0] = max(largest[0], z.shape[:-1].numel())
+        return forward(z)
+
+    vae.decoder.forward = recording
+    x = torch.randn(100, 2)
+    vae.iwae_log_likelihood(x, 5000)
+    assert largest[0] * (512 + 256 + 2) <= 2**22, largest[0]  # about 16 MB of float32 a chunk
+    vae.elbo(x, 300)
+    assert largest[0] * (512 + 256 + 2) <= 2**22, largest[0]
+
+
+def test_data_dtypes_are_converted_to_the_model_and_empty_batches_refused():
+    from pyro_genext.flows import realnvp
+    from pyro_genext.models import FlowDensity
+
+    vae = VAE(4, 2, hidden_dims=(8,))
+    x = torch.rand(3, 4).round()
+    ref = vae.double().elbo(x.double())
+    torch.manual_seed(1)
+    a = vae.elbo(x.long())  # integer data into a float64 VAE
+    torch.manual_seed(1)
+    b = vae.elbo(x.double())
+    assert a.dtype == torch.float64 and torch.equal(a, b) and ref.shape == (3,)
+    vae32 = VAE(4, 2, hidden_dims=(8,))
+    assert vae32.elbo(x.double()).dtype == torch.float32  # float64 data into a float32 VAE
+    assert vae32.encode(x.bool()).shape == (3, 2)
+    for call in (lambda: vae32.elbo(torch.zeros(0, 4)), lambda: vae32.encode(torch.zeros(0, 4)),
+                 lambda: vae32.iwae_log_likelihood(torch.zeros(0, 4), 5)):
+        with pytest.raises(ValueError, match=r"at least one example, got an empty batch of shape \(0, 4\)"):
+            call()
+    density = FlowDensity(realnvp(4, num_layers=2, hidden_dims=(8,)))
+    y = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.allclose(density.log_prob(y), density.log_prob(y.float()))
+    assert density.log_prob(y).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"at least one example, got an empty batch of shape \(0, 4\)"):
+        density.log_prob(torch.zeros(0, 4))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"likelihood": "gaussian", "sigma": float("inf")}, "finite sigma > 0"),
+    ({"posterior_flow": "realnvp", "flow_hidden_dims": (0,)}, r"integers in flow_hidden_dims, got \(0,\)"),
+    ({"posterior_flow": "nice", "flow_hidden_dims": (-3,)}, r"integers in flow_hidden_dims, got \(-3,\)"),
+    ({"prior_flow": "realnvp", "flow_hidden_dims": (4, 0)}, "positive integers in flow_hidden_dims"),
+    ({"encoder": "conv", "conv_channels": (0,)}, r"positive integers in conv_channels, got \(0,\)"),
+])
+def test_bad_widths_and_sigma_are_refused(kwargs, match):
+    shape = (1, 8, 8) if kwargs.get("encoder") == "conv" else 4
+    with pytest.raises(ValueError, match=match):
+        VAE(shape, 2, **kwargs)

@@ -28,6 +28,13 @@ comparable. With ``--likelihood gaussian`` the model sees the intensities in
   (default 5), :class:`~pyro_genext.models.ImportanceWeightedELBO` (Pyro's
   ``RenyiELBO(alpha=0, num_particles=K)`` with a differentiable loss).
 
+``--kl-warmup N`` weights the KL term by :math:`\min(1, s/N)` in step :math:`s`
+(:func:`~pyro_genext.models.vae.kl_warmup_weight`, set before each step through the
+engine's ``on_step`` hook, so ``--resume`` mid-warm-up is exact); ``--free-bits LAMBDA``
+exempts each latent dimension's first :math:`\lambda` nats of batch-mean KL (Gaussian
+posterior and prior); both need ``--objective elbo``. ``--prior-flow nice|realnvp`` learns
+the prior :math:`p(z)` as a flow density over the latent space.
+
 Validation reports ``nelbo``, minus the ELBO in nats per example (one draw per example),
 and selects ``best.pt`` by it. ``evaluate`` reports the test ELBO (``--elbo-particles``
 draws) and the IWAE estimate of :math:`\log p(x)` with ``--num-samples K`` (default 5000),
@@ -61,11 +68,24 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from ..data import Dataset, binarize, intensities
 from ..engine.kind import ModelKind
-from ..engine.settings import positive_float, positive_int
+from ..engine.settings import nonneg_int, positive_float, positive_int
 from ..engine.validation import per_example_metrics, split_seed
-from ..models import VAE, ImportanceWeightedELBO
+from ..models import VAE, ImportanceWeightedELBO, kl_warmup_weight
 
 __all__ = ["build", "loss", "prepare", "VAE_KIND"]
+
+
+def _nonneg_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (:func:`~pyro_genext.engine.positive_float`, or 0)."""
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError as e:
+        try:
+            if float(text) == 0:
+                return 0.0
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(str(e).replace("> 0", ">= 0")) from None
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,14 +105,23 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the Gaussian likelihood's fixed standard deviation (default: learned)")
     p.add_argument("--posterior-flow", choices=("none", "nice", "realnvp"), default="none",
                    help="push the Gaussian posterior through conditional couplings")
+    p.add_argument("--prior-flow", choices=("none", "nice", "realnvp"), default="none",
+                   help="the prior p(z): N(0, I), or its image under a NICE/RealNVP flow trained jointly")
     p.add_argument("--num-flows", type=positive_int, default=4,
-                   help="couplings of the posterior flow")
+                   help="couplings of each flow (posterior and prior)")
     p.add_argument("--flow-hidden", type=positive_int, nargs="+", default=[128, 128],
                    help="widths of each coupling's conditioner")
     p.add_argument("--objective", choices=("elbo", "iwae"), default="elbo",
                    help="train the ELBO, or the importance-weighted bound with --particles samples")
     p.add_argument("--particles", type=positive_int, default=None,
                    help="samples per example and step (default: 1 for elbo, 5 for iwae)")
+    p.add_argument("--kl-warmup", type=nonneg_int, default=0,
+                   help="KL warm-up: the KL term's weight rises linearly to 1 over this many steps "
+                        "(default 0: no warm-up; --objective elbo)")
+    p.add_argument("--free-bits", type=_nonneg_float, default=0.0,
+                   help="free bits: nats per latent dimension below which the batch-mean KL of a "
+                        "dimension is not penalised (default 0; --objective elbo, Gaussian "
+                        "posterior and prior)")
 
 
 def _add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,7 +145,12 @@ def build(s: dict[str, Any], data: Dataset) -> VAE:
             f"--likelihood bernoulli needs images of grey levels to binarise; {data.name} is "
             f"continuous data: use --likelihood gaussian"
         )
-    flow = s.get("posterior_flow", "none")
+    flow, prior = s.get("posterior_flow", "none"), s.get("prior_flow", "none")
+    if s.get("objective", "elbo") != "elbo" and (s.get("kl_warmup") or s.get("free_bits")):
+        raise ValueError(
+            f"--kl-warmup and --free-bits change the ELBO; they need --objective elbo, got "
+            f"--objective {s.get('objective')}"
+        )
     vae = VAE(
         tuple(data.event_shape),
         int(s.get("z_dim", 32)),
@@ -124,11 +158,13 @@ def build(s: dict[str, Any], data: Dataset) -> VAE:
         likelihood=s.get("likelihood", "bernoulli"),
         sigma=s.get("sigma"),
         posterior_flow=None if flow == "none" else flow,
+        prior_flow=None if prior == "none" else prior,
         num_flows=int(s.get("num_flows", 4)),
         flow_hidden_dims=tuple(s.get("flow_hidden", (128, 128))),
         encoder=s.get("encoder", "mlp"),
         conv_channels=tuple(s.get("conv_channels", (32, 64))),
         activation=s.get("activation", "relu"),
+        free_bits=float(s.get("free_bits", 0.0)),
     )
     vae.data_levels = data.levels
     return vae
@@ -142,7 +178,7 @@ def loss(s: dict[str, Any]) -> ELBO:
     vec = k > 1  # one vectorised pass over the K draws
     if iwae:
         return ImportanceWeightedELBO(num_particles=k, vectorize_particles=vec, max_plate_nesting=1)
-    if s.get("posterior_flow", "none") == "none":
+    if s.get("posterior_flow", "none") == "none" and s.get("prior_flow", "none") == "none":
         return TraceMeanField_ELBO(num_particles=k, vectorize_particles=vec, max_plate_nesting=1)
     return Trace_ELBO(num_particles=k, vectorize_particles=vec, max_plate_nesting=1)
 
@@ -157,6 +193,12 @@ def prepare(m: Any, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     if m.likelihood == "bernoulli":
         return binarize(x, levels, generator)
     return intensities(x, levels)
+
+
+def on_step(m: Any, step: int, s: dict[str, Any]) -> None:
+    """Before each training step: the KL weight of ``--kl-warmup`` for this step
+    (:func:`~pyro_genext.models.vae.kl_warmup_weight`, a function of the step alone)."""
+    m.kl_weight = kl_warmup_weight(step, int(s.get("kl_warmup", 0)))
 
 
 def check_data(m: Any, x: torch.Tensor) -> None:
@@ -261,4 +303,5 @@ VAE_KIND = ModelKind(
     add_sample_arguments=_add_sample_arguments,
     default_threads=1,
     progress=progress,
+    on_step=on_step,
 )

@@ -292,7 +292,8 @@ class FlowDensity(PyroModule):
     def _check_data(
         self, x: torch.Tensor, check: Check, batched: bool = False, force: bool = False
     ) -> torch.Tensor:
-        """Validate data before any computation; integer dtypes become floats.
+        """Validate data before any computation; data of another real dtype (integers,
+        booleans, other floats) become the model's dtype; an empty batch is refused.
 
         ``check``: ``"levels"``, integer levels in :math:`[0, L-1]` (before dequantization);
         ``"range"``, the data range :math:`[0, L)`; ``"support"``, the support of the
@@ -301,11 +302,13 @@ class FlowDensity(PyroModule):
         """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            if x.is_complex():
-                raise ValueError(f"expected real data, got dtype {x.dtype}")
+        if x.is_complex():
+            raise ValueError(f"expected real data, got dtype {x.dtype}")
+        if x.dtype != self.base_loc.dtype:  # integers, booleans, other floats: the model's dtype
             x = x.to(self.base_loc.dtype)
         check_event_shape(x, self.event_shape, "data")
+        if x.numel() == 0:
+            raise ValueError(f"expected at least one example, got an empty batch of shape {tuple(x.shape)}")
         if batched and x.dim() != len(self.event_shape) + 1:
             raise ValueError(
                 f"expected data of shape (N, *{self.event_shape}), got {tuple(x.shape)}"

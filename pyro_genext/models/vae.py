@@ -74,6 +74,20 @@ Which Pyro ELBO does what
 :meth:`VAE.elbo` and :meth:`VAE.iwae_log_likelihood` compute :math:`\mathcal{L}` and
 :math:`\mathcal{L}_K` per example for evaluation, in nats.
 
+A learned prior, KL warm-up, free bits, and where the gap sits
+--------------------------------------------------------------
+
+``prior_flow="realnvp"`` replaces :math:`\mathcal{N}(0, I)` by a flow density
+:math:`p_\psi(z)` trained with the rest, so the prior can match the aggregate posterior
+(Xu et al. 2019 report it gaining more than a flow posterior). ``kl_weight`` weights the
+KL term (a linear warm-up from near 0 to 1 eases the early epochs, where the KL otherwise
+switches latent dimensions off before the decoder uses them; Bowman et al. 2016,
+Sønderby et al. 2016), and ``free_bits`` exempts each dimension's first :math:`\lambda`
+nats (Kingma et al. 2016). :func:`gap_decomposition` measures, per example, how much of
+:math:`\log p(x) - \mathcal{L}(x)` is due to the posterior family (the approximation
+gap) and how much to the encoder (the amortisation gap), following Cremer, Li, Duvenaud
+(2018, arXiv:1801.03558).
+
 Writing one's own amortised flow guide
 --------------------------------------
 
@@ -108,12 +122,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro import poutine
 from pyro.infer import RenyiELBO
 from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from pyro.nn import PyroModule
@@ -121,9 +137,10 @@ from pyro.params.param_store import param_with_module_name
 from torch import nn
 
 from ..checks import data_checks_enabled
-from ..flows import ConditionalChain, conditional_nice, conditional_realnvp
+from ..flows import ConditionalChain, conditional_nice, conditional_realnvp, nice, realnvp
+from ..transforms.base import Bijector
 
-__all__ = ["VAE", "ImportanceWeightedELBO"]
+__all__ = ["VAE", "ImportanceWeightedELBO", "kl_warmup_weight", "gap_decomposition", "GapDecomposition"]
 
 Likelihood = Literal["bernoulli", "gaussian"]
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -225,6 +242,10 @@ class VAE(PyroModule):
       :math:`s` fixed, or learned (one scalar, started at 1) when ``sigma=None``. Data may
       be any finite values.
 
+    Data of any real dtype are taken and converted to the dtype of the VAE's parameters
+    (integer or boolean images, float64 data into a float32 VAE, float32 data into
+    ``VAE(...).double()``); an empty batch is refused with a ``ValueError``.
+
     Architecture: ``encoder="mlp"`` (default) flattens ``x`` and applies dense layers of
     ``hidden_dims``; the decoder mirrors them. ``hidden_dims=()`` makes both linear: with a
     Gaussian likelihood the model is then probabilistic PCA, and the decoder's columns span
@@ -232,6 +253,13 @@ class VAE(PyroModule):
     Lucas et al. 2019). ``encoder="conv"`` (inputs ``(C, H, W)``) adds stride-2 3x3
     convolutions of ``conv_channels`` before the dense layers, and the decoder mirrors
     them with transposed convolutions.
+
+    KL warm-up: the attribute ``kl_weight`` (:math:`\beta`, default 1) weights the latent
+    site in :meth:`model` and :meth:`guide` alike (``poutine.scale``), so the training
+    objective is :math:`\mathbb{E}_q[\log p(x \mid z)] - \beta\,\mathrm{KL}(q \| p)`; the
+    command line's ``--kl-warmup N`` sets it to :func:`kl_warmup_weight` ``(step, N)`` before
+    each step. ``kl_weight`` is not saved with the parameters; :meth:`elbo` and
+    :meth:`iwae_log_likelihood` always use :math:`\beta = 1`.
 
     Cost per example: one encoder and one decoder pass per draw of :math:`z`; a flow
     posterior adds one pass through each coupling's conditioner per draw (sampling and
@@ -245,11 +273,27 @@ class VAE(PyroModule):
         likelihood: ``"bernoulli"`` or ``"gaussian"``.
         sigma: the Gaussian likelihood's fixed standard deviation, or ``None`` to learn it.
         posterior_flow: ``None``, ``"nice"`` or ``"realnvp"``.
-        num_flows: the number of coupling layers of the posterior flow.
+        prior_flow: ``None`` (the prior :math:`\mathcal{N}(0, I)`), ``"nice"`` or
+            ``"realnvp"``: the prior :math:`p(z)` is then the image of :math:`\mathcal{N}(0, I)`
+            under a :func:`~pyro_genext.nice` (with its diagonal scaling) or
+            :func:`~pyro_genext.realnvp` flow (couplings only) over the latent space, trained
+            jointly with the rest (Xu et al. 2019, arXiv:1905.13452); usable with either
+            posterior.
+        num_flows: the number of coupling layers of each flow (posterior and prior).
         flow_hidden_dims: widths of each coupling's conditioner.
         encoder: ``"mlp"`` or ``"conv"``.
         conv_channels: channels of the convolutional encoder's layers.
         activation: ``"relu"``, ``"softplus"``, ``"elu"`` or ``"tanh"``.
+        free_bits: :math:`\lambda \ge 0`, nats per latent dimension (Kingma et al. 2016,
+            arXiv:1606.04934): the training objective (:meth:`model` with :meth:`guide`)
+            replaces the KL by :math:`\sum_j \max(\lambda, \overline{\mathrm{KL}}_j)`, where
+            :math:`\overline{\mathrm{KL}}_j` is the batch mean of the closed-form KL of
+            dimension :math:`j`, so a dimension whose KL is below :math:`\lambda` is not
+            pushed towards the prior (its KL gets no gradient). The per-dimension KL has no
+            closed form for a flow posterior or a flow prior, so that combination is refused.
+            The term is exact with ``TraceMeanField_ELBO`` (the closed-form KL); under
+            ``Trace_ELBO`` it corrects the Monte Carlo KL in expectation. :meth:`elbo` and
+            :meth:`iwae_log_likelihood` are unaffected.
         name: the Pyro name of this module, the prefix of its parameters in the param store.
 
     Example::
@@ -277,11 +321,13 @@ class VAE(PyroModule):
         likelihood: Likelihood = "bernoulli",
         sigma: float | None = None,
         posterior_flow: str | None = None,
+        prior_flow: str | None = None,
         num_flows: int = 4,
         flow_hidden_dims: Sequence[int] = (128, 128),
         encoder: str = "mlp",
         conv_channels: Sequence[int] = (32, 64),
         activation: str = "relu",
+        free_bits: float = 0.0,
         name: str = "",
     ) -> None:
         super().__init__(name)
@@ -295,17 +341,30 @@ class VAE(PyroModule):
             raise ValueError(f"expected positive hidden_dims, got {tuple(hidden_dims)}")
         if likelihood not in ("bernoulli", "gaussian"):
             raise ValueError(f"expected likelihood in ['bernoulli', 'gaussian'], got {likelihood!r}")
-        if sigma is not None and (likelihood != "gaussian" or not float(sigma) > 0):
+        if sigma is not None and (likelihood != "gaussian" or not 0 < float(sigma) < math.inf):
             raise ValueError(
-                f"sigma is the Gaussian likelihood's standard deviation: expected sigma > 0 with "
-                f"likelihood='gaussian', got sigma={sigma!r} with likelihood={likelihood!r}"
+                f"sigma is the Gaussian likelihood's standard deviation: expected a finite sigma > 0 "
+                f"with likelihood='gaussian', got sigma={sigma!r} with likelihood={likelihood!r}"
             )
-        if posterior_flow not in (None, "nice", "realnvp"):
-            raise ValueError(f"expected posterior_flow in [None, 'nice', 'realnvp'], got {posterior_flow!r}")
-        if posterior_flow is not None and z_dim < 2:
-            raise ValueError(f"a coupling posterior flow needs z_dim >= 2, got z_dim={z_dim}")
-        if posterior_flow is not None and (isinstance(num_flows, bool) or int(num_flows) < 1):
+        for role, kind in (("posterior_flow", posterior_flow), ("prior_flow", prior_flow)):
+            if kind not in (None, "nice", "realnvp"):
+                raise ValueError(f"expected {role} in [None, 'nice', 'realnvp'], got {kind!r}")
+            if kind is not None and z_dim < 2:
+                raise ValueError(f"a coupling flow ({role}={kind!r}) needs z_dim >= 2, got z_dim={z_dim}")
+        flows = posterior_flow is not None or prior_flow is not None
+        if flows and (isinstance(num_flows, bool) or int(num_flows) < 1):
             raise ValueError(f"expected num_flows >= 1, got {num_flows!r}")
+        for role, widths in (("flow_hidden_dims", flow_hidden_dims), ("conv_channels", conv_channels)):
+            if any(isinstance(w, bool) or int(w) < 1 for w in widths):
+                raise ValueError(f"expected positive integers in {role}, got {tuple(widths)}")
+        if not 0 <= float(free_bits) < math.inf:
+            raise ValueError(f"expected free_bits a finite number of nats >= 0, got {free_bits!r}")
+        if float(free_bits) > 0 and flows:
+            raise ValueError(
+                "free_bits needs the closed-form KL of each latent dimension, which exists for the "
+                "Gaussian posterior and the N(0, I) prior only; got "
+                f"posterior_flow={posterior_flow!r}, prior_flow={prior_flow!r}"
+            )
         if encoder not in ("mlp", "conv"):
             raise ValueError(f"expected encoder in ['mlp', 'conv'], got {encoder!r}")
         if encoder == "conv" and (len(shape) != 3 or not conv_channels):
@@ -321,6 +380,11 @@ class VAE(PyroModule):
         self.hidden_dims = hidden
         self.likelihood: Likelihood = likelihood
         self.posterior_flow_kind = posterior_flow
+        self.prior_flow_kind = prior_flow
+        self.free_bits = float(free_bits)
+        self.kl_weight = 1.0
+        self._free_bits_term: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._per_draw: int | None = None
         self.encoder_kind = encoder
         d = math.prod(shape)
 
@@ -360,6 +424,12 @@ class VAE(PyroModule):
         elif posterior_flow == "realnvp":
             self.flow = conditional_realnvp(self.z_dim, features, num_layers=int(num_flows),
                                             hidden_dims=flow_hidden_dims, norm=None)
+        self.prior_flow: Bijector | None = None
+        if prior_flow == "nice":
+            self.prior_flow = nice(self.z_dim, num_layers=int(num_flows), hidden_dims=flow_hidden_dims)
+        elif prior_flow == "realnvp":
+            self.prior_flow = realnvp(self.z_dim, num_layers=int(num_flows), hidden_dims=flow_hidden_dims,
+                                      norm=None)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -382,10 +452,16 @@ class VAE(PyroModule):
         return dist.Normal(out, sigma.expand_as(out)).to_event(k)
 
     def prior(self, batch_shape: Sequence[int] | torch.Size) -> dist.TorchDistribution:
-        r"""The prior :math:`\mathcal{N}(0, I)` on ``z``, batch shape ``batch_shape``."""
+        r"""The prior on ``z``, batch shape ``batch_shape``: :math:`\mathcal{N}(0, I)`, or
+        with ``prior_flow`` its image under the flow :math:`T` (forward is base -> latent), a
+        ``TransformedDistribution`` with :math:`\log p(z) = \log \mathcal{N}(T^{-1}(z); 0, I)
+        + \log|\det \partial T^{-1} / \partial z|`."""
         p = next(self.encoder.parameters())
         loc = p.new_zeros(tuple(batch_shape) + (self.z_dim,))
-        return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+        base = dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+        if self.prior_flow is None:
+            return base
+        return dist.TransformedDistribution(base, [self.prior_flow])
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         r"""The guide's :math:`q(z \mid x)` for data ``x`` of shape ``(*batch, *input_shape)``:
@@ -427,23 +503,49 @@ class VAE(PyroModule):
                 of it: the plate scales the batch's terms by ``size / N``, so the loss is
                 an unbiased estimate of the full data set's. ``None``: ``N``.
         """
-        x = self._check_data(x, batched=True)
+        given, x = x, self._check_data(x, batched=True)
         n = self._plate_size(x, size)
         self._register("decoder", self.decoder)
+        if self.prior_flow is not None:
+            self._register("prior_flow", self.prior_flow)
+        term, self._free_bits_term = self._free_bits_term, None
+        if term is not None and term[0] is given:  # the guide of this very ELBO evaluation left it
+            pyro.factor("free_bits", term[1])
         with pyro.plate("data", n, subsample=torch.arange(x.shape[0], device=x.device)):
-            z = pyro.sample("z", self.prior((x.shape[0],)))
+            with self._kl_scale():
+                z = pyro.sample("z", self.prior((x.shape[0],)))
             pyro.sample("x", self.likelihood_dist(z), obs=x)
 
     def guide(self, x: torch.Tensor, size: int | None = None) -> None:
         r"""The amortised posterior :math:`q(z \mid x)` at site ``"z"`` (see
         :meth:`posterior`), in the same plate as :meth:`model`; takes the same arguments."""
-        x = self._check_data(x, batched=True)
+        given, x = x, self._check_data(x, batched=True)
         n = self._plate_size(x, size)
         self._register("encoder", self.encoder)
         if self.flow is not None:
             self._register("flow", self.flow)
         with pyro.plate("data", n, subsample=torch.arange(x.shape[0], device=x.device)):
-            pyro.sample("z", self._posterior(x)[0])
+            q = self._posterior(x)[0]
+            with self._kl_scale():
+                pyro.sample("z", q)
+        self._free_bits_term = None
+        if self.free_bits > 0:
+            # max(lambda, KL_j) in place of KL_j, on the batch-mean KL of each dimension:
+            # the model adds  -beta * size * sum_j relu(lambda - mean_n KL_nj)  to the joint
+            kl = _normal_kl_per_dim(q.base_dist.loc, q.base_dist.scale).mean(0)
+            shortfall = torch.relu(self.free_bits - kl).sum()
+            self._free_bits_term = (given, -self.kl_weight * n * shortfall)
+
+    @contextmanager
+    def _kl_scale(self) -> Iterator[None]:
+        r"""``poutine.scale(kl_weight)`` around the latent site (model and guide alike), so
+        both :math:`\log p(z)` and :math:`\log q(z \mid x)`, or the closed-form KL of
+        ``TraceMeanField_ELBO``, are weighted; nothing when the weight is 1."""
+        if self.kl_weight == 1.0:
+            yield
+            return
+        with poutine.scale(scale=self.kl_weight):
+            yield
 
     def _plate_size(self, x: torch.Tensor, size: int | None) -> int:
         if size is None:
@@ -485,6 +587,7 @@ class VAE(PyroModule):
         ``num_particles`` draws (a Monte Carlo estimate, unbiased), shape ``(N,)``.
         The same objective as ``Trace_ELBO`` (without the plate's scaling)."""
         k = self._check_count(num_particles, "num_particles")
+        x = self._check_data(x, batched=True)
         with _evaluating():
             total: torch.Tensor | None = None
             for chunk in _chunks(k, self._chunk(x)):
@@ -501,10 +604,12 @@ class VAE(PyroModule):
         :math:`\mathcal{L}_K`, which increases with ``K`` towards :math:`\log p(x)`.
 
         The ``K`` draws are taken ``chunk_size`` at a time (default: as many as keep about
-        :math:`2^{21}` decoder outputs in memory) and combined by a running log-sum-exp,
-        so ``K = 5000`` needs the memory of one chunk.
+        :math:`2^{22}` activations in memory, counting every layer's output of the decoder
+        and the flows, hidden widths included) and combined by a running log-sum-exp, so
+        ``K = 5000`` needs the memory of one chunk.
         """
         k = self._check_count(num_samples, "num_samples")
+        x = self._check_data(x, batched=True)
         if chunk_size is not None:
             chunk_size = self._check_count(chunk_size, "chunk_size")
         with _evaluating():
@@ -516,7 +621,33 @@ class VAE(PyroModule):
             return acc - math.log(k)
 
     def _chunk(self, x: torch.Tensor) -> int:
-        return max(1, 2**21 // max(1, x.numel()))
+        """Draws per chunk: as many as keep about ``_CHUNK_ELEMENTS`` activations alive."""
+        return max(1, _CHUNK_ELEMENTS // (max(1, x.shape[0]) * self._elements_per_draw(x)))
+
+    def _elements_per_draw(self, x: torch.Tensor) -> int:
+        """What one draw of ``z`` for one example allocates: the outputs of every layer of
+        the networks (counted once, on one example and one draw, by forward hooks; the
+        architecture does not change), plus a few tensors of the data's size for the
+        likelihood."""
+        if self._per_draw is None:
+            counted = [0]
+
+            def count(module: nn.Module, inputs: Any, output: Any) -> None:
+                if isinstance(output, torch.Tensor):
+                    counted[0] += output.numel()
+
+            leaves = [m for m in self.modules() if next(m.children(), None) is None]
+            handles = [m.register_forward_hook(count) for m in leaves]
+            devices = [x.device] if x.device.type == "cuda" else []
+            try:  # a probe that leaves torch's random stream as it was
+                with _evaluating(), torch.random.fork_rng(devices=devices):
+                    p = next(self.encoder.parameters())
+                    self.log_weights(p.new_zeros((1, *self.input_shape)), 1)
+            finally:
+                for h in handles:
+                    h.remove()
+            self._per_draw = counted[0] + 4 * math.prod(self.input_shape)
+        return self._per_draw
 
     @staticmethod
     def _check_count(value: int, name: str) -> int:
@@ -578,21 +709,25 @@ class VAE(PyroModule):
         self._check_data(x, batched=True, force=True)
 
     def _check_data(self, x: torch.Tensor, batched: bool = False, force: bool = False) -> torch.Tensor:
-        """Validate data before any computation; integer and boolean dtypes become floats.
-        Shapes always; values unless switched off by
+        """Validate data before any computation; data of another real dtype (integers,
+        booleans, other floats) become the dtype of the VAE's parameters. Shapes and an empty
+        batch always; values unless switched off by
         :func:`~pyro_genext.checks.data_checks` (and not ``force``)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
         if x.is_complex():
             raise ValueError(f"expected real data, got dtype {x.dtype}")
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
+        dtype = next(self.encoder.parameters()).dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
         k = len(self.input_shape)
         ok = x.dim() == k + 1 if batched else x.dim() >= k
         if not ok or tuple(x.shape[x.dim() - k :]) != self.input_shape:
             dims = ", ".join(map(str, self.input_shape))
             want = f"(N, {dims})" if batched else f"(..., {dims})"
             raise ValueError(f"expected data of shape {want}, got {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"expected at least one example, got an empty batch of shape {tuple(x.shape)}")
         if not (force or data_checks_enabled()):
             return x
         if not bool(torch.isfinite(x).all()):
@@ -612,6 +747,340 @@ class VAE(PyroModule):
             f"input_shape={self.input_shape}, z_dim={self.z_dim}, likelihood={self.likelihood!r}, "
             f"encoder={self.encoder_kind!r}, posterior_flow={self.posterior_flow_kind!r}"
         )
+
+
+#: The activations (elements) one chunk of draws may keep alive in evaluation: 16 MB of float32.
+_CHUNK_ELEMENTS = 2**22
+
+
+def kl_warmup_weight(step: int, warmup: int) -> float:
+    r"""The KL term's weight :math:`\beta` in the training step that follows ``step``
+    optimiser steps (0-based): :math:`\min(1, (\text{step} + 1) / \text{warmup})`, rising
+    linearly from :math:`1/\text{warmup}` in the first step to 1 in step ``warmup`` and
+    after; 1 throughout when ``warmup`` is 0. A function of the step alone, so a run resumed
+    mid-warm-up continues the same schedule. (Pyro's ``poutine.scale`` refuses a weight of
+    0, so the first step already carries :math:`1/\text{warmup}`.)
+
+    Example::
+
+        >>> [kl_warmup_weight(s, 4) for s in range(5)]
+        [0.25, 0.5, 0.75, 1.0, 1.0]
+
+    Reference: Bowman et al. (2016), Generating sentences from a continuous space,
+    arXiv:1511.06349; Sønderby et al. (2016), Ladder variational autoencoders,
+    arXiv:1602.02282.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"expected step a non-negative integer, got {step!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"expected warmup a non-negative integer number of steps, got {warmup!r}")
+    return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+
+
+def _normal_kl_per_dim(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r""":math:`\mathrm{KL}(\mathcal{N}(\mu_j, \sigma_j^2) \| \mathcal{N}(0, 1))` per dimension."""
+    return 0.5 * (scale**2 + loc**2 - 1) - torch.log(scale)
+
+
+# ---------------------------------------------------------------------------- inference gaps
+@dataclass
+class GapDecomposition:
+    r"""Per-example terms of the inference-gap decomposition (nats, shape ``(N,)`` each),
+    from :func:`gap_decomposition`.
+
+    * ``log_px``: the importance-weighted estimate of :math:`\log p(x)`, and ``log_px_se``
+      its standard error;
+    * ``elbo_amortised``: the ELBO of the encoder's posterior :math:`q_\phi(z \mid x)`;
+    * ``elbo_family``: the ELBO of the best posterior of the same family for this
+      :math:`x` alone (optimised per example, the decoder and prior frozen);
+    * ``elbo_flexible``: the ELBO of a locally optimised flexible posterior (a
+      per-example RealNVP on a per-example Gaussian).
+
+    Properties: ``approximation_gap`` :math:`= \log p(x) - \mathcal{L}[q^*]`,
+    ``amortisation_gap`` :math:`= \mathcal{L}[q^*] - \mathcal{L}[q_\phi]`, their sum
+    ``total_gap`` :math:`= \log p(x) - \mathcal{L}[q_\phi]`, and ``flexible_gap``
+    :math:`= \log p(x) - \mathcal{L}[q_\text{flex}]` (what of the approximation gap a
+    more expressive family would leave).
+    """
+
+    log_px: torch.Tensor
+    log_px_se: torch.Tensor
+    elbo_amortised: torch.Tensor
+    elbo_family: torch.Tensor
+    elbo_flexible: torch.Tensor
+
+    @property
+    def approximation_gap(self) -> torch.Tensor:
+        return self.log_px - self.elbo_family
+
+    @property
+    def amortisation_gap(self) -> torch.Tensor:
+        return self.elbo_family - self.elbo_amortised
+
+    @property
+    def total_gap(self) -> torch.Tensor:
+        return self.log_px - self.elbo_amortised
+
+    @property
+    def flexible_gap(self) -> torch.Tensor:
+        return self.log_px - self.elbo_flexible
+
+    def summary(self) -> dict[str, float]:
+        """Means over the examples (and the standard error of the mean of each), a
+        JSON-able dict."""
+        out: dict[str, float] = {"num_examples": int(self.log_px.shape[0])}
+        for name in ("log_px", "elbo_amortised", "elbo_family", "elbo_flexible", "approximation_gap",
+                     "amortisation_gap", "total_gap", "flexible_gap"):
+            v = getattr(self, name).double()
+            out[name] = float(v.mean())
+            out[f"{name}_sem"] = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else math.nan
+        out["log_px_se_mean"] = float(self.log_px_se.double().mean())
+        return out
+
+
+class _LocalRealNVP(nn.Module):
+    """One small affine-coupling flow *per example*: ``n`` independent sets of weights,
+    applied with batched matrix products to draws of shape ``(S, n, d)``; layers alternate
+    which half is transformed, the log-scale is bounded by ``2 tanh(./2)``, and the last
+    layer of each conditioner starts at zero (the identity)."""
+
+    def __init__(self, n: int, d: int, layers: int, hidden: int, like: torch.Tensor) -> None:
+        super().__init__()
+        self.d = d
+        self.w1, self.b1, self.w2, self.b2 = (nn.ParameterList() for _ in range(4))
+        for i in range(layers):
+            a = d // 2 if i % 2 == 0 else d - d // 2
+            b = d - a
+            self.w1.append(nn.Parameter(like.new_empty(n, a, hidden).normal_(0, a**-0.5)))
+            self.b1.append(nn.Parameter(like.new_zeros(n, hidden)))
+            self.w2.append(nn.Parameter(like.new_zeros(n, hidden, 2 * b)))
+            self.b2.append(nn.Parameter(like.new_zeros(n, 2 * b)))
+
+    def _coupling(self, i: int, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The halves of ``z`` for layer ``i`` and the log-scale and shift of its other half."""
+        a = self.d // 2 if i % 2 == 0 else self.d - self.d // 2
+        za, zb = (z[..., :a], z[..., a:]) if i % 2 == 0 else (z[..., -a:], z[..., :-a])
+        h = torch.tanh(torch.einsum("snd,ndh->snh", za, self.w1[i]) + self.b1[i])
+        out = torch.einsum("snh,nho->sno", h, self.w2[i]) + self.b2[i]
+        return za, zb, 2 * torch.tanh(out[..., : zb.shape[-1]] / 2), out[..., zb.shape[-1] :]
+
+    @staticmethod
+    def _join(i: int, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+        return torch.cat([za, zb], -1) if i % 2 == 0 else torch.cat([zb, za], -1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T(z), log|det dT/dz|)``."""
+        ladj = z.new_zeros(z.shape[:-1])
+        for i in range(len(self.w1)):
+            za, zb, log_s, shift = self._coupling(i, z)
+            z = self._join(i, za, zb * log_s.exp() + shift)
+            ladj = ladj + log_s.sum(-1)
+        return z, ladj
+
+    def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T^{-1}(z), log|det dT^{-1}/dz|)``."""
+        ladj = z.new_zeros(z.shape[:-1])
+        for i in reversed(range(len(self.w1))):
+            za, zb, log_s, shift = self._coupling(i, z)
+            z = self._join(i, za, (zb - shift) * (-log_s).exp())
+            ladj = ladj - log_s.sum(-1)
+        return z, ladj
+
+
+def _optimise(params: list[torch.Tensor], log_w: Callable[[int], torch.Tensor], steps: int, lr: float,
+              particles: int) -> None:
+    """Adam on ``params`` (learning rate ``lr`` decayed linearly to zero), maximising the sum
+    over examples of the ``particles``-draw mean of the log-weights (the per-example ELBOs:
+    the examples do not interact)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for i in range(steps):
+        for group in opt.param_groups:  # decayed linearly to zero, so the noisy steps settle
+            group["lr"] = lr * (1 - i / steps)
+        opt.zero_grad(set_to_none=True)
+        (-log_w(particles).mean(0).sum()).backward()
+        opt.step()
+
+
+def _mean_log_w(log_w: Callable[[int], torch.Tensor], total: int, chunk: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([log_w(c) for c in _chunks(total, chunk)]).mean(0)
+
+
+def gap_decomposition(
+    vae: VAE,
+    x: torch.Tensor,
+    *,
+    num_samples: int = 1000,
+    elbo_samples: int = 200,
+    steps: int = 500,
+    lr: float = 0.02,
+    particles: int = 8,
+    flow_layers: int = 4,
+    flow_hidden: int = 16,
+    seed: int = 0,
+) -> GapDecomposition:
+    r"""Where a VAE's gap :math:`\log p(x) - \mathcal{L}[q_\phi]` sits, per example
+    (Cremer, Li, Duvenaud 2018): the **approximation gap**, from the posterior family, and
+    the **amortisation gap**, from the encoder,
+
+    .. math::
+
+        \log p(x) - \mathcal{L}[q_\phi]
+          = \underbrace{\log p(x) - \mathcal{L}[q^*]}_\text{approximation}
+          + \underbrace{\mathcal{L}[q^*] - \mathcal{L}[q_\phi]}_\text{amortisation},
+        \qquad q^* = \arg\max_{q \in \mathcal{Q}} \mathcal{L}[q] \text{ for this } x,
+
+    with the decoder and the prior frozen. How each term is computed:
+
+    * :math:`\mathcal{L}[q^*]`, the best posterior of the VAE's own family, found by
+      ``steps`` of Adam (``lr`` decayed linearly to zero, ``particles`` reparameterised
+      draws a step) on free
+      per-example parameters started at the encoder's output: for the Gaussian posterior,
+      the mean and the scale; for a flow posterior, the mean, the scale and the context
+      :math:`h` the couplings are conditioned on (the flow's weights are shared by all
+      examples, so the family is every :math:`T_h(\mathcal{N}(\mu, \sigma^2))`).
+    * :math:`\mathcal{L}[q_\text{flex}]`, a more expressive posterior optimised the same
+      way: a per-example RealNVP (``flow_layers`` affine couplings with ``flow_hidden``
+      tanh units, weights of its own for every example) on a per-example diagonal
+      Gaussian, started at the best diagonal Gaussian (also optimised here); where that
+      Gaussian (the flow at the identity, a member of the family) scores higher than
+      where the optimiser ended, its ELBO is kept.
+    * every ELBO is then estimated afresh with ``elbo_samples`` draws;
+    * :math:`\log p(x)`: the importance-weighted estimate with ``num_samples`` draws from
+      each of the amortised and the flexible posterior, weighted against their mixture
+      :math:`m = \frac12(q_\phi + q_\text{flex})` (multiple importance sampling with the
+      balance heuristic, Veach & Guibas 1995): :math:`\hat p = \frac1{2K} \sum_k
+      p(x, z_k) / m(z_k)` is unbiased for :math:`p(x)`, so :math:`\log \hat p` is a
+      stochastic lower bound, at least as good as the better proposal's IWAE up to
+      :math:`\log 2`, and usually much better than the amortised posterior's alone;
+      ``log_px_se`` is its standard error by the delta method,
+      :math:`\sqrt{\operatorname{Var}\hat p} / \hat p`.
+
+    A large amortisation gap says the encoder is the limit (a wider or longer-trained
+    encoder, or fine-tuning the posterior per example at test time, helps); a large
+    approximation gap with a small flexible gap says the posterior family is (a flow
+    posterior helps); a large flexible gap says that even a flexible posterior cannot
+    reach :math:`\log p(x)` in ``steps`` (more steps, or the estimate of
+    :math:`\log p(x)` is loose). Gaps are estimates: noise of a few hundredths of a nat
+    can make one slightly negative.
+
+    Cost: ``steps`` (twice, three times for a flow posterior) times ``particles`` decoder
+    passes per example, plus ``2 num_samples + 3 elbo_samples``. The VAE's parameters are
+    not changed; torch's global random stream is forked and seeded by ``seed``.
+
+    Example::
+
+        >>> vae = VAE(6, 2, hidden_dims=(8,))
+        >>> gaps = gap_decomposition(vae, torch.rand(3, 6).bernoulli(), num_samples=50,
+        ...                          elbo_samples=20, steps=10)
+        >>> gaps.approximation_gap.shape, sorted(gaps.summary())[:3]
+        (torch.Size([3]), ['amortisation_gap', 'amortisation_gap_sem', 'approximation_gap'])
+
+    Reference: Cremer, Li, Duvenaud (2018), Inference suboptimality in variational
+    autoencoders, arXiv:1801.03558.
+    """
+    x = vae._check_data(x, batched=True, force=True)
+    if x.shape[0] == 0:
+        raise ValueError("expected at least one example, got an empty batch")
+    for name, value in (("num_samples", num_samples), ("elbo_samples", elbo_samples), ("steps", steps),
+                        ("particles", particles), ("flow_layers", flow_layers), ("flow_hidden", flow_hidden)):
+        VAE._check_count(value, name)
+    if not 0 < float(lr) < math.inf:
+        raise ValueError(f"expected lr a finite number > 0, got {lr!r}")
+    n, zd = x.shape[0], vae.z_dim
+    chunk = max(1, vae._chunk(x))
+    frozen = [(p, p.requires_grad) for p in vae.parameters()]
+    was_training = vae.training
+    vae.eval()
+
+    def log_joint(z: torch.Tensor) -> torch.Tensor:
+        return vae.prior(z.shape[:-1]).log_prob(z) + vae.likelihood_dist(z).log_prob(x)
+
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+                torch.inference_mode(False), torch.enable_grad():
+            torch.manual_seed(seed)
+            elbo_amortised = _mean_log_w(lambda k: vae.log_weights(x, k), elbo_samples, chunk)
+            loc0, scale0, h0 = vae.encoder(x)
+            mu = loc0.detach().clone().requires_grad_()
+            rho = (scale0.detach() - 1e-5).clamp(min=1e-6).expm1().log().requires_grad_()  # softplus^-1
+
+            def gaussian(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                base = dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+                z0 = base.rsample((k,))
+                return z0, base.log_prob(z0)
+
+            def gaussian_log_w(k: int) -> torch.Tensor:
+                z, log_q = gaussian(k)
+                return log_joint(z) - log_q
+
+            _optimise([mu, rho], gaussian_log_w, steps, lr, particles)
+            elbo_gaussian = _mean_log_w(gaussian_log_w, elbo_samples, chunk)
+            if vae.flow is None:
+                elbo_family = elbo_gaussian
+            else:
+                mu_f = loc0.detach().clone().requires_grad_()
+                rho_f = (scale0.detach() - 1e-5).clamp(min=1e-6).expm1().log().requires_grad_()
+                h = h0.detach().clone().requires_grad_()
+                flow = vae.flow
+
+                def family_log_w(k: int) -> torch.Tensor:
+                    base = dist.Normal(mu_f, F.softplus(rho_f) + 1e-5).to_event(1)
+                    t = flow.condition(h)
+                    z0 = base.rsample((k,))
+                    z = t(z0)
+                    return log_joint(z) - (base.log_prob(z0) - t.log_abs_det_jacobian(z0, z))
+
+                _optimise([mu_f, rho_f, h], family_log_w, steps, lr, particles)
+                elbo_family = _mean_log_w(family_log_w, elbo_samples, chunk)
+            local = _LocalRealNVP(n, zd, flow_layers, flow_hidden, x.new_zeros(()).to(mu.dtype)) if zd > 1 \
+                else None
+
+            def flexible_log_w(k: int) -> torch.Tensor:
+                z0, log_q = gaussian(k)
+                if local is None:
+                    return log_joint(z0) - log_q
+                z, ladj = local(z0)
+                return log_joint(z) - (log_q - ladj)
+
+            _optimise([mu, rho, *(local.parameters() if local is not None else [])], flexible_log_w, steps,
+                      lr, particles)
+            # the best Gaussian is a member of the flexible family (the identity flow): keep
+            # whichever of the two scored higher
+            elbo_flexible = torch.maximum(_mean_log_w(flexible_log_w, elbo_samples, chunk), elbo_gaussian)
+            def flexible_log_q(z: torch.Tensor) -> torch.Tensor:
+                base = dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+                if local is None:
+                    return base.log_prob(z)
+                z0, ladj = local.inverse(z)
+                return base.log_prob(z0) + ladj
+
+            def mixture_log_w(k: int) -> torch.Tensor:
+                """log p(x, z) - log m(z) for k draws of each proposal, shape (2k, N)."""
+                za, _ = vae._rsample_and_log_q(x, k)
+                zf, _ = gaussian(k)
+                if local is not None:
+                    zf = local(zf)[0]
+                z = torch.cat([za, zf])
+                log_m = torch.logaddexp(vae._posterior(x)[0].log_prob(z), flexible_log_q(z)) - math.log(2)
+                return log_joint(z) - log_m
+
+            with torch.no_grad():
+                lw = torch.cat([mixture_log_w(c) for c in _chunks(num_samples, max(1, chunk // 2))]).double()
+                shift = lw.max(0).values
+                w = (lw - shift).exp()
+                p_hat = w.mean(0)
+                se = w.std(0) / math.sqrt(w.shape[0]) / p_hat
+                log_px = (p_hat.log() + shift).to(x.dtype)
+                log_px_se = se.to(x.dtype)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        vae.train(was_training)
+    return GapDecomposition(log_px=log_px, log_px_se=log_px_se, elbo_amortised=elbo_amortised.detach(),
+                            elbo_family=elbo_family.detach(), elbo_flexible=elbo_flexible.detach())
 
 
 def _chunks(total: int, size: int) -> Iterator[int]:
