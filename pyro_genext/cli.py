@@ -140,7 +140,7 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         if "data" not in given:
             raise UsageError("the following arguments are required: --data")
         try:
-            check_settings({**default_settings(kind), **given})
+            check_settings({**default_settings(kind), **given}, kind)
         except ValueError as e:
             raise UsageError(str(e)) from None
     _set_threads(control.get("threads"), kind.default_threads)

@@ -221,6 +221,8 @@ def test_warm_up_and_free_bits_flags_are_checked(tmp_path, capsys):
         assert main(["train", "vae", "--data", "digits", "--steps", "1", flag, bad, *out, *SMALL]) == 2
         err = capsys.readouterr().err
         assert flag in err and "Traceback" not in err, err
+    # a combination the kind refuses is a usage error too (exit 2), found before any work
     assert main(["train", "vae", "--data", "digits", "--steps", "1", "--objective", "iwae",
-                 "--kl-warmup", "5", *out, *SMALL]) == 1
+                 "--kl-warmup", "5", *out, *SMALL]) == 2
     assert "need --objective elbo" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +42,8 @@ class ModelKind:
     ``prepare``, ``initialize`` (data-dependent start-up on the first prepared training
     batch, before step 1, not on resume), ``on_step``, ``add_evaluate_arguments``,
     ``add_sample_arguments``, ``default_threads`` (CPU threads without ``--threads``),
-    ``default_warmup`` (learning-rate warm-up steps without ``--warmup``), ``progress`` and
-    ``check_data``.
+    ``default_warmup`` (learning-rate warm-up steps without ``--warmup``), ``progress``,
+    ``check_data`` and ``check_settings``.
 
     ``evaluate`` and ``sample`` get the checkpoint's data set (the split asked for, the test
     split for ``sample``) and the parsed flags, with ``args.kind`` (the kind's name) and
@@ -61,7 +61,10 @@ class ModelKind:
     model cannot take (NaN, values out of range); the engine calls it once per split when
     the data are loaded and then trains inside
     :func:`~pyro_genext.checks.data_checks` ``(False)``, so no step reads values back to
-    the host.
+    the host. ``check_settings(settings)`` raises ``ValueError`` for a combination of the
+    kind's settings that it cannot train (each flag is already checked on its own); the
+    engine calls it with the common checks, before any work, and the command line turns it
+    into a usage error (exit status 2).
     """
 
     name: str
@@ -81,3 +84,4 @@ class ModelKind:
     progress: Callable[[PyroModule, float], tuple[str, float]] | None = None
     check_data: Callable[[PyroModule, torch.Tensor], None] | None = None
     on_step: Callable[[Any, int, dict], None] | None = None
+    check_settings: Callable[[Mapping[str, Any]], None] | None = None

@@ -260,8 +260,9 @@ def default_settings(kind: ModelKind) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------- the checks
-def check_settings(s: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the flag and what was expected, for complete settings."""
+def check_settings(s: Mapping[str, Any], kind: ModelKind | None = None) -> None:
+    """Raise ``ValueError`` naming the flag and what was expected, for complete settings
+    (and, given the ``kind``, its :attr:`ModelKind.check_settings` of their combination)."""
     if s.get("data") is None:
         raise ValueError("--data: a data set is required (one of " + ", ".join(DATASETS) + ")")
     if s.get("steps") is not None and s.get("epochs") is not None:
@@ -284,6 +285,8 @@ def check_settings(s: Mapping[str, Any]) -> None:
             raise ValueError(f"--device: expected 'cpu' or 'cuda[:N]', got {device!r}")
         if not torch.cuda.is_available():
             raise ValueError(f"--device: {device!r} requested but CUDA is not available")
+    if kind is not None and kind.check_settings is not None:
+        kind.check_settings(s)
 
 
 def settings_for(kind: ModelKind, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -398,7 +398,7 @@ def fit(
         s = resume_settings(k, settings, state, outp)
     else:
         s = settings_for(k, settings)
-    check_settings(s)
+    check_settings(s, k)
     ctx, device = distributed.setup(str(s["device"]))
     if outp is not None:
         open_run_folder(outp, resume=state, overwrite=overwrite, writer=ctx.is_main)

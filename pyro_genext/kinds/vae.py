@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,15 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
                    help="also a scatter of the test set's latent means, coloured by label")
 
 
+def check_settings(s: Mapping[str, Any]) -> None:
+    """Refuse settings that cannot train together (the engine's check, before any work)."""
+    if s.get("objective", "elbo") != "elbo" and (s.get("kl_warmup") or s.get("free_bits")):
+        raise ValueError(
+            f"--kl-warmup and --free-bits change the ELBO; they need --objective elbo, got "
+            f"--objective {s.get('objective')}"
+        )
+
+
 def build(s: dict[str, Any], data: Dataset) -> VAE:
     """The VAE a run's settings describe, for this data's shape."""
     if s.get("likelihood", "bernoulli") == "bernoulli" and data.levels is None:
@@ -145,12 +154,8 @@ def build(s: dict[str, Any], data: Dataset) -> VAE:
             f"--likelihood bernoulli needs images of grey levels to binarise; {data.name} is "
             f"continuous data: use --likelihood gaussian"
         )
+    check_settings(s)
     flow, prior = s.get("posterior_flow", "none"), s.get("prior_flow", "none")
-    if s.get("objective", "elbo") != "elbo" and (s.get("kl_warmup") or s.get("free_bits")):
-        raise ValueError(
-            f"--kl-warmup and --free-bits change the ELBO; they need --objective elbo, got "
-            f"--objective {s.get('objective')}"
-        )
     vae = VAE(
         tuple(data.event_shape),
         int(s.get("z_dim", 32)),
@@ -304,4 +309,5 @@ VAE_KIND = ModelKind(
     default_threads=1,
     progress=progress,
     on_step=on_step,
+    check_settings=check_settings,
 )
