@@ -132,6 +132,11 @@ class AutoCouplingFlow(AutoContinuous):
             depends on the parameters).
         scale_bound: bound of each affine coupling's log-scale (RealNVP only).
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.
+        init_coupling_scale: standard deviation of the normal initialisation of each
+            coupling conditioner's last weight matrix; ``0`` starts every coupling
+            exactly at the identity (the guide is then the Gaussian guide), a small value
+            near it (Agrawal, Sheldon, Domke 2020 use 0.001-0.01), so that the layers
+            below the last receive gradient from the first step.
 
     Names: as with Pyro's autoguides, the parameters are named after the class, so two
     ``AutoRealNVP`` guides in one session share them; clear the param store
@@ -159,6 +164,7 @@ class AutoCouplingFlow(AutoContinuous):
         stl: bool = False,
         scale_bound: float | None = 2.0,
         num_quantile_samples: int = 1000,
+        init_coupling_scale: float = 0.0,
     ) -> None:
         name = type(self).__name__
         if affine not in ("diagonal", "full"):
@@ -169,6 +175,8 @@ class AutoCouplingFlow(AutoContinuous):
             raise ValueError(f"{name}: expected init_scale > 0, got {init_scale!r}")
         if hidden_dims is not None and any(int(h) < 1 for h in hidden_dims):
             raise ValueError(f"{name}: expected positive hidden_dims, got {tuple(hidden_dims)}")
+        if not isinstance(init_coupling_scale, (int, float)) or not init_coupling_scale >= 0:
+            raise ValueError(f"{name}: expected init_coupling_scale >= 0, got {init_coupling_scale!r}")
         if int(num_quantile_samples) < 1:
             raise ValueError(f"{name}: expected num_quantile_samples >= 1, got {num_quantile_samples}")
         self.num_layers = num_layers
@@ -178,6 +186,7 @@ class AutoCouplingFlow(AutoContinuous):
         self.scale_bound = scale_bound
         self.num_quantile_samples = int(num_quantile_samples)
         self._init_scale = float(init_scale)
+        self.init_coupling_scale = float(init_coupling_scale)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
 
@@ -193,14 +202,16 @@ class AutoCouplingFlow(AutoContinuous):
                     # positions now hold `current`; bring `order` into place
                     parts.append(Permute(torch.argsort(current)[order]))
                     current = order
-                parts.append(
-                    MaskedCoupling(
-                        _split_mask(d, size, parity),
-                        elementwise=self.elementwise,
-                        scale_bound=self.scale_bound,
-                        hidden_dims=hidden,
-                    )
+                coupling = MaskedCoupling(
+                    _split_mask(d, size, parity),
+                    elementwise=self.elementwise,
+                    scale_bound=self.scale_bound,
+                    hidden_dims=hidden,
                 )
+                if self.init_coupling_scale > 0:  # near the identity, not at it
+                    last = coupling.conditioner.net[-1]  # type: ignore[index]
+                    nn.init.normal_(last.weight, std=self.init_coupling_scale)  # type: ignore[union-attr]
+                parts.append(coupling)
             if not torch.equal(current, torch.arange(d)):
                 parts.append(Permute(torch.argsort(current)))
         parts.append(Affine(d, loc=loc, scale=self._init_scale, tril=self.affine == "full"))
@@ -247,45 +258,55 @@ class AutoCouplingFlow(AutoContinuous):
 
     # ---------------------------------------------------------------- summaries
     @torch.no_grad()
-    def _constrained_draws(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def _unconstrained_quantiles(self, q: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Coordinate-wise quantiles ``q`` of ``num_quantile_samples`` draws of the
+        unconstrained latent vector, each row unpacked and mapped into its site's
+        support, as Pyro's ``AutoContinuous.quantiles`` does with its Gaussian."""
         self.setup(*args, **kwargs)
         latent = self.get_posterior(*args, **kwargs).sample((self.num_quantile_samples,))
-        return {
-            site["name"]: biject_to(site["fn"].support)(u)
-            for site, u in self._unpack_latent(latent)
-        }
+        rows = latent.quantile(q.to(latent), dim=0)  # (len(q), D)
+        out: dict[str, list[torch.Tensor]] = {}
+        for row in rows:
+            for site, u in self._unpack_latent(row):
+                out.setdefault(site["name"], []).append(biject_to(site["fn"].support)(u))
+        return {k: torch.stack(v) for k, v in out.items()}
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Posterior median of each latent site, **estimated by sampling**: the
-        coordinate-wise median of ``num_quantile_samples`` constrained draws (a flow has
-        no closed-form median). Its Monte Carlo error is about
-        :math:`\\sqrt{\\pi/2}\\,\\mathrm{sd}/\\sqrt{N}` for a near-normal marginal.
+        coordinate-wise median of ``num_quantile_samples`` draws of the unconstrained
+        latent vector, mapped into each site's support (a flow has no closed-form
+        median). Its Monte Carlo error is about
+        :math:`\\sqrt{\\pi/2}\\,\\mathrm{sd}/\\sqrt{N}` for a near-normal marginal. For
+        a site with a coordinate-wise transform (``LogNormal``, ``Beta``, ...) this is the
+        median of the constrained draws; for a simplex or a correlation matrix it is a
+        point of the support (the map of the unconstrained median), not a coordinate-wise
+        median, which would leave the support.
 
         Example::
 
             >>> import pyro, pyro.distributions as dist
-        >>> pyro.clear_param_store()  # guides of one class share parameter names
-            >>> pyro.clear_param_store()
+            >>> pyro.clear_param_store()  # guides of one class share parameter names
             >>> def model():
             ...     pyro.sample("x", dist.LogNormal(0.0, 1.0))
             >>> AutoRealNVP(model, init_scale=1.0).median()["x"].shape
             torch.Size([])
         """
-        return {k: v.quantile(0.5, dim=0) for k, v in self._constrained_draws(*args, **kwargs).items()}
+        half = torch.tensor([0.5])
+        return {k: v[0] for k, v in self._unconstrained_quantiles(half, *args, **kwargs).items()}
 
     @torch.no_grad()
     def quantiles(
         self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
-        """Posterior quantiles of each latent site, **estimated by sampling** from
-        ``num_quantile_samples`` constrained draws, coordinate by coordinate. Returns a
-        dict of tensors of shape ``(len(quantiles),) + site shape``, as Pyro's."""
+        """Posterior quantiles of each latent site, **estimated by sampling** as for
+        :meth:`median`: coordinate-wise quantiles of the unconstrained draws, mapped into
+        the support. Returns a dict of tensors of shape ``(len(quantiles),) + site
+        shape``, as Pyro's."""
         q = torch.as_tensor(quantiles, dtype=torch.get_default_dtype())
         if q.dim() != 1 or not ((q >= 0) & (q <= 1)).all():
             raise ValueError(f"expected a list of quantiles in [0, 1], got {quantiles!r}")
-        draws = self._constrained_draws(*args, **kwargs)
-        return {k: v.quantile(q.to(v), dim=0) for k, v in draws.items()}
+        return self._unconstrained_quantiles(q, *args, **kwargs)
 
 
 class AutoRealNVP(AutoCouplingFlow):
