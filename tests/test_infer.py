@@ -402,3 +402,14 @@ def test_init_coupling_scale_starts_near_but_not_at_the_gaussian_guide():
     assert torch.equal(exact, u)  # zero last layers: the identity, then N(0, I)
     moved = (near - u).abs()
     assert 1e-4 < moved.mean() < 0.1, moved.mean()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"hidden_dims": ()}, "hidden_dims"), ({"scale_bound": 0}, "scale_bound"),
+     ({"scale_bound": -1.0}, "scale_bound"), ({"init_coupling_scale": -0.1}, "init_coupling_scale")],
+    ids=["no-hidden-layer", "bound-0", "bound-negative", "init-negative"],
+)
+def test_bad_arguments_refused_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        AutoRealNVP(gaussian, **kwargs)

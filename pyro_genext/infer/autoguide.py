@@ -43,6 +43,7 @@ from torch import nn
 
 from ..transforms import Affine, Chain, MaskedCoupling, Permute
 from ..transforms.base import FlowTransform
+from ..transforms.elementwise import check_bound
 
 __all__ = ["AutoRealNVP", "AutoNICE", "coupling_splits"]
 
@@ -173,8 +174,15 @@ class AutoCouplingFlow(AutoContinuous):
             raise ValueError(f"{name}: expected num_layers >= 0, got {num_layers!r}")
         if not isinstance(init_scale, (int, float)) or not init_scale > 0:
             raise ValueError(f"{name}: expected init_scale > 0, got {init_scale!r}")
-        if hidden_dims is not None and any(int(h) < 1 for h in hidden_dims):
-            raise ValueError(f"{name}: expected positive hidden_dims, got {tuple(hidden_dims)}")
+        if hidden_dims is not None and (len(hidden_dims) == 0 or any(int(h) < 1 for h in hidden_dims)):
+            raise ValueError(
+                f"{name}: expected hidden_dims a non-empty sequence of positive widths (or None "
+                f"for the default), got {tuple(hidden_dims)}"
+            )
+        try:
+            check_bound(scale_bound)
+        except ValueError as e:  # refused here, not at the first call
+            raise ValueError(f"{name}: {e}") from None
         if not isinstance(init_coupling_scale, (int, float)) or not init_coupling_scale >= 0:
             raise ValueError(f"{name}: expected init_coupling_scale >= 0, got {init_coupling_scale!r}")
         if int(num_quantile_samples) < 1:
