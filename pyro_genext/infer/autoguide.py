@@ -25,6 +25,14 @@ coordinates has been related by a coupling in both directions. A fixed
 :class:`~pyro_genext.transforms.Permute` brings each split into contiguous halves, so the
 couplings keep the fast slice path. (The recipes' ``mask="half"`` uses the same split in
 every layer, which never relates two coordinates of the same half.)
+
+Using a fitted guide: it is a Pyro autoguide, so what works with ``AutoNormal`` works
+with it: ``guide()`` draws one posterior sample of every latent site (constrained
+values); ``Predictive(model, guide=guide, num_samples=1000)(*args)`` draws latent sites
+and posterior-predictive replicates of the observed ones;
+:meth:`~AutoCouplingFlow.median` and :meth:`~AutoCouplingFlow.quantiles` summarise it;
+:mod:`pyro_genext.diagnostics` says whether to trust it (Pareto :math:`\hat k`) and
+exports it to ArviZ. Train it with :func:`~pyro_genext.infer.fit_guide` or any SVI loop.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from ..transforms import Affine, Chain, MaskedCoupling, Permute
 from ..transforms.base import FlowTransform
 from ..transforms.elementwise import check_bound
 
-__all__ = ["AutoRealNVP", "AutoNICE", "coupling_splits"]
+__all__ = ["AutoCouplingFlow", "AutoRealNVP", "AutoNICE", "coupling_splits"]
 
 
 def coupling_splits(dim: int, num_layers: int) -> list[tuple[torch.Tensor, int, int]]:
