@@ -182,9 +182,9 @@ def fit_guide(
         >>> guide = AutoNormal(model)
         >>> result = fit_guide(model, guide, torch.ones(3), num_steps=1500, lr=0.05,
         ...                    progress_bar=False)
-        >>> loc, scale = guide.median()["mu"], guide.scale["mu"]
-        >>> round(float(loc), 1), round(float(scale), 1)
-        (0.8, 0.5)
+        >>> loc, scale = float(guide.locs.mu), float(guide.scales.mu)
+        >>> abs(loc - 0.75) < 0.03, abs(scale - 0.5) < 0.03, result.stopped_early
+        (True, True, True)
 
     References: the step size, particles, decay and clipping are those of the plain loop
     of issue 15; Agrawal, Sheldon, Domke (2020), arXiv:2006.10343, for importance-weighted
