@@ -17,14 +17,16 @@ Pareto ``khat``, and ``mean_err`` / ``sd_err``: the mean over every **unconstrai
 latent coordinate of :math:`|m - m_{ref}| / sd_{ref}` and :math:`|sd / sd_{ref} - 1|`;
 ``neck_sd`` (the funnel's ``y``, exactly 3; ``log tau`` of the hierarchical models) and
 ``mode_weight`` (the share of draws in the mode ``z_1 + z_2 > 0`` of the two-mode
-target, 0.5 exactly). References: exact or by quadrature where
-:mod:`~pyro_genext.infer.targets` has them (``Target.ref_mean``), else NUTS, checked
-with split R-hat and cached in ``benchmarks/results/posterior_refs.json``.
+target, 0.5 exactly); the same with the suffix ``_ir`` for the draws weighted by their
+PSIS-smoothed importance weights (importance-weighted sampling of the final draws).
+References: exact or by quadrature where :mod:`~pyro_genext.infer.targets` has them
+(``Target.ref_mean``), else NUTS, checked with split R-hat and cached in
+``benchmarks/results/posterior_refs.json``.
 
 Guides are named ``Name`` or ``Name:key=value,key=value`` (keyword arguments of the
-guide, e.g. ``AutoRealNVP:stl=1,init_coupling_scale=0.01,hidden_dims=32/32``). Each finished run is
-appended to the ``--json`` file at once; runs already there are skipped, so a killed
-sweep resumes::
+guide, e.g. ``AutoRealNVP:stl=1,init_coupling_scale=0.01,hidden_dims=32/32``). Each
+finished run is appended to the ``--json`` file at once; runs already there are
+skipped, so a killed sweep resumes::
 
     python benchmarks/posteriors.py --models banana bimodal --guides AutoRealNVP \\
         RealNVP-hand --loops svi fit --steps 4000 --seeds 0 1 2 --json out.json
@@ -175,19 +177,28 @@ def score(target: Target, guide: Any, ref: dict[str, Any], num_samples: int) -> 
     s = importance_samples(target.model, guide, *target.args, num_samples=num_samples,
                            max_simultaneous=min(num_samples, 2000))
     lw = s.log_weights.double()
-    _, khat = _psis(lw)
+    weights, khat = _psis(lw)
+    w = weights.double()[:, None]
     names = sorted(k for k in s.draws if k in s.sites and not s.sites[k]["infer"].get("_deterministic"))
     x = unconstrained(s.draws, s.sites, names).double()
     m_ref, sd_ref = torch.tensor(ref["mean"]).double(), torch.tensor(ref["sd"]).double()
-    out = {"elbo": float(lw.mean()), "iw_elbo": _log_evidence(lw).value, "khat": khat,
-           "mean_err": float(((x.mean(0) - m_ref).abs() / sd_ref).mean()),
-           "sd_err": float((x.std(0) / sd_ref - 1).abs().mean())}
+    out = {"elbo": float(lw.mean()), "iw_elbo": _log_evidence(lw).value, "khat": khat}
+    # the guide's own draws, then the same draws with PSIS weights ("_ir": importance-
+    # weighted sampling of the final draws, as Agrawal et al. 2020 recommend)
+    mw = (w * x).sum(0)
+    sdw = (w * (x - mw) ** 2).sum(0).sqrt()
+    for suffix, m, sd in (("", x.mean(0), x.std(0)), ("_ir", mw, sdw)):
+        out["mean_err" + suffix] = float(((m - m_ref).abs() / sd_ref).mean())
+        out["sd_err" + suffix] = float((sd / sd_ref - 1).abs().mean())
+        if target.neck:
+            col = sum(s.draws[k][0].numel() for k in names[: names.index(target.neck)])
+            out["neck_sd" + suffix] = float(sd[col])
     if target.neck:
-        col = sum(s.draws[k][0].numel() for k in names[: names.index(target.neck)])
-        out["neck_sd"] = float(x[:, col].std())
         out["neck_sd_ref"] = float(sd_ref[col])
     if target.name == "bimodal":
-        out["mode_weight"] = float((s.draws["z"].sum(-1) > 0).double().mean())
+        upper = (s.draws["z"].sum(-1) > 0).double()
+        out["mode_weight"] = float(upper.mean())
+        out["mode_weight_ir"] = float((w[:, 0] * upper).sum())
     return out
 
 
@@ -209,8 +220,9 @@ def run(target: Target, spec: str, loop: str, steps: int, seed: int, ref: dict[s
 
 # ------------------------------------------------------------------ tables
 COLUMNS = [("elbo", ".2f"), ("iw_elbo", ".2f"), ("khat", ".2f"), ("mean_err", ".3f"),
-           ("sd_err", ".3f"), ("neck_sd", ".2f"), ("mode_weight", ".2f"), ("steps_run", ".0f"),
-           ("step_ms", ".1f")]
+           ("sd_err", ".3f"), ("neck_sd", ".2f"), ("mode_weight", ".2f"), ("mean_err_ir", ".3f"),
+           ("sd_err_ir", ".3f"), ("neck_sd_ir", ".2f"), ("mode_weight_ir", ".2f"),
+           ("steps_run", ".0f")]
 
 
 def table(records: list[dict[str, Any]]) -> str:
