@@ -7,7 +7,7 @@ five tuning targets, by ``benchmarks/posteriors.py`` (same scores, same JSON)::
     python benchmarks/guide_defaults.py screen --steps 2000 --seeds 0 \\
         --json benchmarks/results/screen_2000steps.json
 
-``step-time``: one training step of a flow guide by ``SVI.step`` with Pyro's
+``step-time``: one training step of ``AutoRealNVP(stl=True)`` by ``SVI.step`` with Pyro's
 ``ClippedAdam`` (one optimiser per parameter tensor) against
 :func:`pyro_genext.infer.fit_guide` (one ``Adam(foreach=True)``, global-norm clipping),
 same ELBO (8 vectorised particles), in alternating blocks so that a change of load hits
@@ -50,7 +50,7 @@ def step_time(blocks: int, steps: int) -> None:
         t = TARGETS[name]()
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
-        guide = AutoRealNVP(t.model)
+        guide = AutoRealNVP(t.model, stl=True)
         elbo = Trace_ELBO(num_particles=8, vectorize_particles=True)
         svi = SVI(t.model, guide, pyro.optim.ClippedAdam({"lr": 5e-3, "clip_norm": 10.0}), elbo)
         svi.step(*t.args)
