@@ -133,7 +133,10 @@ def test_banana_curvature_captured_where_mean_field_misses_it():
         z = draws(guide, 8000)
         return torch.corrcoef(torch.stack([z[:, 0] ** 2, z[:, 1]]))[0, 1].item()
 
-    flow = AutoRealNVP(banana, num_layers=4, hidden_dims=(32,), init_scale=1.0)
+    # the family's reach at a small budget, by the ordinary estimator (with stl=True, the
+    # default, 400 steps reached corr 0.59: the path derivative starts slower here and
+    # ends better, docs/benchmarks_posteriors.rst)
+    flow = AutoRealNVP(banana, num_layers=4, hidden_dims=(32,), init_scale=1.0, stl=False)
     fit(banana, flow, 400, 0.02)
     pyro.clear_param_store()
     mf = AutoDiagonalNormal(banana, init_scale=1.0)

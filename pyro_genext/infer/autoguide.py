@@ -138,7 +138,13 @@ class AutoCouplingFlow(AutoContinuous):
             the exact posterior that gradient is zero for every sample. Works with any
             ELBO of the standard SVI loop. It costs a second pass through the couplings
             per step (scoring cannot reuse the sampling pass, whose log-determinant
-            depends on the parameters).
+            depends on the parameters). On by default since issue 15: on the five
+            tuning targets it gave the best ELBO of the candidates on four and cut the
+            banana's moment errors from 0.052 / 0.106 to 0.006 / 0.007
+            (docs/benchmarks_posteriors.rst). Pass ``stl=False`` for the ordinary
+            estimator, e.g. with ``RenyiELBO``, whose gradient the path derivative
+            alone does not give (with the importance-weighted objective of
+            :func:`~pyro_genext.infer.fit_guide` an ``stl`` guide gets DReG instead).
         scale_bound: bound of each affine coupling's log-scale (RealNVP only).
         num_quantile_samples: draws used by :meth:`median` and :meth:`quantiles`.
         init_coupling_scale: standard deviation of the normal initialisation of each
@@ -170,7 +176,7 @@ class AutoCouplingFlow(AutoContinuous):
         init_loc_fn: Callable[..., Any] = init_to_median,
         init_scale: float = 1.0,
         create_plates: Callable[..., Any] | None = None,
-        stl: bool = False,
+        stl: bool = True,
         scale_bound: float | None = 2.0,
         num_quantile_samples: int = 1000,
         init_coupling_scale: float = 0.0,
@@ -333,8 +339,8 @@ class AutoRealNVP(AutoCouplingFlow):
 
     At initialisation it equals ``AutoNormal`` (``affine="diagonal"``) or
     ``AutoMultivariateNormal`` (``affine="full"``). Cost per SVI step: one pass through
-    each coupling's MLP for the sample and none for its score (cached); plus one more with
-    ``stl=True``.
+    each coupling's MLP for the sample and, with ``stl=True`` (the default), one more for
+    its score (none with ``stl=False``: the score comes from the sampling pass's cache).
 
     Example::
 
