@@ -152,6 +152,9 @@ def reference(target: Target, args: argparse.Namespace) -> dict[str, Any]:
         return {"mean": m.tolist(), "sd": s.tolist(), "exact": True}
     refs = json.loads(REFS.read_text()) if REFS.exists() else {}
     key = f"{target.name}:unconstrained:{args.nuts_warmup}:{args.nuts_samples}:{args.nuts_chains}"
+    cached = [k for k in refs if k.startswith(f"{target.name}:unconstrained:")]
+    if key not in refs and cached:  # a cached reference of other settings: the longest
+        key = max(cached, key=lambda k: refs[k]["chains"] * refs[k]["samples"])
     if key not in refs:
         t0 = time.perf_counter()
         refs[key] = nuts_reference(target, args.nuts_warmup, args.nuts_samples, args.nuts_chains)
@@ -267,15 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--num-samples", type=int, default=10000, help="guide draws per evaluation")
-    p.add_argument("--nuts-warmup", type=int, default=500)
+    p.add_argument("--nuts-warmup", type=int, default=500,
+                   help="NUTS settings of a new reference (a cached one is used if there is one)")
     p.add_argument("--nuts-samples", type=int, default=1000)
     p.add_argument("--nuts-chains", type=int, default=2)
     p.add_argument("--reference-only", action="store_true", help="compute the references and stop")
     p.add_argument("--json", type=Path, default=None, help="results, appended run by run")
-    p.add_argument("--table", type=Path, default=None, help="print the tables of a results file")
+    p.add_argument("--table", type=Path, nargs="+", default=None,
+                   help="print the tables of results files (merged, in order)")
     a = p.parse_args(argv)
     if a.table:
-        print(table(json.loads(a.table.read_text())["runs"]))
+        print(table([r for path in a.table for r in json.loads(path.read_text())["runs"]]))
         return 0
     torch.set_num_threads(1)
     results: dict[str, Any] = {"runs": []}
