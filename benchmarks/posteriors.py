@@ -233,23 +233,24 @@ def run(target: Target, spec: str, loop: str, steps: int, seed: int, ref: dict[s
 
 
 # ------------------------------------------------------------------ tables
-COLUMNS = [("elbo", ".2f"), ("iw_elbo", ".2f"), ("khat", ".2f"), ("mean_err", ".3f"),
+COLUMNS = [("elbo", ".3f"), ("iw_elbo", ".3f"), ("khat", ".2f"), ("mean_err", ".3f"),
            ("sd_err", ".3f"), ("neck_sd", ".2f"), ("mode_weight", ".2f"), ("mean_err_ir", ".3f"),
            ("sd_err_ir", ".3f"), ("neck_sd_ir", ".2f"), ("mode_weight_ir", ".2f"),
            ("steps_run", ".0f")]
 
 
-def table(records: list[dict[str, Any]]) -> str:
+def table(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    cols = [(c, f) for c, f in COLUMNS if columns is None or c in columns]
     lines = []
     for tname in dict.fromkeys(r["target"] for r in records):
         rows = [r for r in records if r["target"] == tname]
         lines.append(f"\n## {tname}  (reference: {rows[0]['reference']})")
-        lines.append(f"{'guide':44s} {'loop':4s} {'n':>2s} " + " ".join(f"{c:>10s}" for c, _ in COLUMNS))
+        lines.append(f"{'guide':44s} {'loop':8s} {'n':>2s} " + " ".join(f"{c[:10]:>10s}" for c, _ in cols))
         for key in dict.fromkeys((r["guide"], r["loop"]) for r in rows):
             runs = [r for r in rows if (r["guide"], r["loop"]) == key and "error" not in r]
             failed = sum(1 for r in rows if (r["guide"], r["loop"]) == key and "error" in r)
             cells = []
-            for c, fmt in COLUMNS:
+            for c, fmt in cols:
                 v = [r[c] for r in runs if c in r and math.isfinite(r[c])]
                 if not v:
                     cells.append(f"{'-':>10s}")
@@ -258,7 +259,7 @@ def table(records: list[dict[str, Any]]) -> str:
                 else:  # mean and half the range over seeds
                     cells.append(f"{statistics.mean(v):{fmt}}~{(max(v) - min(v)) / 2:.{fmt[1]}f}".rjust(10))
             note = f" ({failed} failed)" if failed else ""
-            lines.append(f"{key[0][:44]:44s} {key[1]:4s} {len(runs):>2d} " + " ".join(cells) + note)
+            lines.append(f"{key[0][:44]:44s} {key[1]:8s} {len(runs):>2d} " + " ".join(cells) + note)
     return "\n".join(lines)
 
 
@@ -277,10 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-only", action="store_true", help="compute the references and stop")
     p.add_argument("--json", type=Path, default=None, help="results, appended run by run")
     p.add_argument("--table", type=Path, nargs="+", default=None,
-                   help="print the tables of results files (merged, in order)")
+                   help="print the tables of results files (merged, in order) for --models")
+    p.add_argument("--columns", nargs="+", default=None, choices=[c for c, _ in COLUMNS])
     a = p.parse_args(argv)
     if a.table:
-        print(table([r for path in a.table for r in json.loads(path.read_text())["runs"]]))
+        runs = [r for path in a.table for r in json.loads(path.read_text())["runs"]]
+        print(table([r for r in runs if r["target"] in a.models], a.columns))
         return 0
     torch.set_num_threads(1)
     results: dict[str, Any] = {"runs": []}
