@@ -56,6 +56,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
     AutoNormalizingFlow,
 )
+from pyro.poutine.util import site_is_subsample
 
 from pyro_genext.diagnostics import _log_evidence, _psis, importance_samples
 from pyro_genext.infer import AutoNICE, AutoRealNVP, fit_guide
@@ -126,7 +127,8 @@ def nuts_reference(target: Target, warmup: int, samples: int, chains: int) -> di
     model = {"eight_schools": eight_schools(centered=False).model,
              "horseshoe": horseshoe(centered=False).model}.get(target.name, target.model)
     proto = pyro.poutine.trace(target.model).get_trace(*target.args)
-    sites = {k: s for k, s in proto.nodes.items() if s["type"] == "sample" and not s["is_observed"]}
+    sites = {k: s for k, s in proto.nodes.items()
+             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
     names = sorted(sites)
     runs = []
     for c in range(chains):
