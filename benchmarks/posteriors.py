@@ -247,7 +247,7 @@ def table(records: list[dict[str, Any]], columns: list[str] | None = None) -> st
     for tname in dict.fromkeys(r["target"] for r in records):
         rows = [r for r in records if r["target"] == tname]
         lines.append(f"\n## {tname}  (reference: {rows[0]['reference']})")
-        lines.append(f"{'guide':44s} {'loop':8s} {'n':>2s} " + " ".join(f"{c[:10]:>10s}" for c, _ in cols))
+        lines.append(f"{'guide':50s} {'loop':8s} {'n':>2s} " + " ".join(f"{c[:10]:>10s}" for c, _ in cols))
         for key in dict.fromkeys((r["guide"], r["loop"]) for r in rows):
             runs = [r for r in rows if (r["guide"], r["loop"]) == key and "error" not in r]
             failed = sum(1 for r in rows if (r["guide"], r["loop"]) == key and "error" in r)
@@ -261,7 +261,7 @@ def table(records: list[dict[str, Any]], columns: list[str] | None = None) -> st
                 else:  # mean and half the range over seeds
                     cells.append(f"{statistics.mean(v):{fmt}}~{(max(v) - min(v)) / 2:.{fmt[1]}f}".rjust(10))
             note = f" ({failed} failed)" if failed else ""
-            lines.append(f"{key[0][:44]:44s} {key[1]:8s} {len(runs):>2d} " + " ".join(cells) + note)
+            lines.append(f"{key[0][:50]:50s} {key[1]:8s} {len(runs):>2d} " + " ".join(cells) + note)
     return "\n".join(lines)
 
 
