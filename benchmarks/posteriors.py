@@ -282,10 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", type=Path, nargs="+", default=None,
                    help="print the tables of results files (merged, in order) for --models")
     p.add_argument("--columns", nargs="+", default=None, choices=[c for c, _ in COLUMNS])
+    p.add_argument("--only", nargs="+", default=None, help="with --table: these guides, in this order")
+    p.add_argument("--rename", nargs="+", default=[], help="with --table: OLD=>NEW guide names")
     a = p.parse_args(argv)
     if a.table:
         runs = [r for path in a.table for r in json.loads(path.read_text())["runs"]]
-        print(table([r for r in runs if r["target"] in a.models], a.columns))
+        runs = [r for r in runs if r["target"] in a.models and (a.only is None or r["guide"] in a.only)]
+        if a.only:  # rows in the order asked
+            runs.sort(key=lambda r: (a.models.index(r["target"]), a.only.index(r["guide"])))
+        names = dict(item.split("=>", 1) for item in a.rename)
+        print(table([{**r, "guide": names.get(r["guide"], r["guide"])} for r in runs], a.columns))
         return 0
     torch.set_num_threads(1)
     results: dict[str, Any] = {"runs": []}
