@@ -553,3 +553,17 @@ def test_held_out_targets_are_vectorised_models(name):
         latent = {k for k, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
                   and not k.startswith(("data", "groups"))}  # plates are sample sites too
         assert set(t.ref_mean) == latent
+
+
+def test_fit_guide_without_vectorised_particles():
+    def scalar_only(y):  # .item(): cannot run under an outer plate of particles
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("y", dist.Normal(mu.item() + 0.0 * mu, 1.0), obs=y)
+
+    guide = AutoNormal(scalar_only)
+    result = fit_guide(scalar_only, guide, torch.tensor(1.0), num_steps=60, num_particles=2,
+                       vectorize_particles=False, progress_bar=False)
+    assert result.num_steps == 60 and all(math.isfinite(v) for v in result.losses)
+    with pytest.raises(ValueError, match="vectorize_particles"):
+        fit_guide(scalar_only, guide, torch.tensor(1.0), objective="iwae", vectorize_particles=False,
+                  progress_bar=False)

@@ -119,6 +119,7 @@ def fit_guide(
     final_lr: float = 0.1,
     num_particles: int = 8,
     objective: str = "elbo",
+    vectorize_particles: bool = True,
     clip_norm: float | None = 10.0,
     stop_on_plateau: bool = True,
     window: int | None = None,
@@ -131,8 +132,9 @@ def fit_guide(
     r"""Fit ``guide`` (and any ``pyro.param`` of ``model``) by stochastic variational
     inference; returns a :class:`FitResult`. Works with any Pyro guide (``AutoNormal``,
     ``AutoMultivariateNormal``, ``AutoIAFNormal``, :class:`~pyro_genext.infer.AutoRealNVP`,
-    a hand-written one); the model and guide must be vectorisable (runnable under an extra
-    outer plate), as for ``Trace_ELBO(vectorize_particles=True)``.
+    a hand-written one). The particles are vectorised: the model and guide must run under
+    an extra outer plate, as for ``Trace_ELBO(vectorize_particles=True)``; pass
+    ``vectorize_particles=False`` for a model that cannot (one run per particle, slower).
 
     Each step: ``num_particles`` vectorised particles of the objective (``"elbo"``:
     ``Trace_ELBO``; ``"iwae"``: :class:`ImportanceWeightedELBO` with
@@ -165,6 +167,8 @@ def fit_guide(
             ``num_steps``.
         num_particles: particles per step (:math:`K` of the importance-weighted bound).
         objective: ``"elbo"`` or ``"iwae"``.
+        vectorize_particles: run the particles as one vectorised batch (``"iwae"``
+            needs it).
         clip_norm: global gradient-norm bound, or ``None``.
         stop_on_plateau, window, patience, min_improvement, plateau_factor: the
             stopping rule.
@@ -202,7 +206,9 @@ def fit_guide(
     win = max(25, num_steps // 50) if window is None else window
     _check("window", window, isinstance(win, int) and win >= 2, "an integer >= 2")
 
-    elbo = (Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+    if objective == "iwae" and not vectorize_particles:
+        raise ValueError("fit_guide: objective='iwae' needs vectorize_particles=True")
+    elbo = (Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize_particles)
             if objective == "elbo" else ImportanceWeightedELBO(num_particles))
     loss_fn = elbo(model, guide)  # type: ignore[arg-type]  # an ELBOModule
     # the first evaluation builds the guide's parameters; record them all, as SVI does
