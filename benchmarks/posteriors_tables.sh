@@ -7,5 +7,5 @@ REN=("AutoRealNVP=>AutoRealNVP, before issue 15" "$D=>AutoRealNVP (defaults)")
 ONLY=(AutoNormal AutoMultivariateNormal AutoIAFNormal RealNVP-hand AutoNICE AutoRealNVP "$D")
 $T --models funnel banana bimodal eight_schools logistic unequal_groups gp horseshoe --only "${ONLY[@]}" --rename "${REN[@]}" \
   --columns elbo iw_elbo khat mean_err sd_err neck_sd mode_weight steps_run > benchmarks/results/compare_2000steps.txt
-$T --models funnel banana bimodal eight_schools logistic unequal_groups gp horseshoe --only "$D" RealNVP-hand --rename "${REN[@]}" \
+$T --models funnel banana bimodal eight_schools logistic unequal_groups gp horseshoe --only "$D" RealNVP-hand AutoNICE --rename "${REN[@]}" \
   --columns elbo iw_elbo khat mean_err_ir sd_err_ir neck_sd_ir mode_weight_ir > benchmarks/results/compare_2000steps_ir.txt
