@@ -186,7 +186,7 @@ def fit_guide(
         >>> guide = AutoNormal(model)
         >>> result = fit_guide(model, guide, torch.ones(3), num_steps=1500, lr=0.05,
         ...                    progress_bar=False)
-        >>> loc, scale = float(guide.locs.mu), float(guide.scales.mu)
+        >>> loc, scale = float(guide.locs.mu.detach()), float(guide.scales.mu.detach())
         >>> abs(loc - 0.75) < 0.03, abs(scale - 0.5) < 0.03, result.stopped_early
         (True, True, True)
 
