@@ -1,19 +1,37 @@
-"""Flow posteriors against Gaussian guides, Pyro's flows and NUTS, on five models.
+"""Flow guides against Gaussian guides and Pyro's flows on eight posteriors, trained by
+two loops.
 
-For each model of :mod:`pyro_genext.infer.targets` and each guide, at an equal step
-budget and several seeds: ELBO, log-evidence (importance sampled), Pareto k-hat, the
-errors of posterior means and standard deviations against a reference, the same errors
-after PSIS importance resampling ("+IR"), and the time per SVI step. References are exact
-where the model allows (funnel, banana, bimodal) and NUTS otherwise (eight schools, from
-the non-centered parametrisation; logistic regression), checked with R-hat and cached in
-benchmarks/results/posterior_refs.json.
+Targets: the five tuning targets of :mod:`pyro_genext.infer.targets` (``TARGETS``, on
+which the defaults were chosen) and the held-out ones (``HELD_OUT``). Loops:
 
-Every guide is trained with ClippedAdam (clip_norm 10), Trace_ELBO with 4 vectorised
-particles. A run that fails (NaN or a model validation error) is counted in "fail" and
-left out of the averages. Moment errors are averaged over every latent coordinate (constrained values):
-``mean err = mean |m - m_ref| / sd_ref`` and ``sd err = mean |sd / sd_ref - 1|``.
+* ``svi``: the plain loop a Pyro user already has (issue 15): ``SVI`` with
+  ``Trace_ELBO(num_particles=8, vectorize_particles=True)`` and ``ClippedAdam`` (lr 5e-3,
+  clip_norm 10, the learning rate decaying exponentially to 10 % by the last step);
+* ``fit``: :func:`pyro_genext.infer.fit_guide` at its defaults (the same particles, step
+  size, decay and clipping; one optimiser over all parameters; it may stop early on a
+  plateau, and then reports how many steps it ran); ``fit-iwae``: the same with the
+  importance-weighted bound, :math:`K = 10`, every step run.
 
-    python benchmarks/posteriors.py --steps 400 --seeds 0 1 --json out.json
+Scores, from ``--num-samples`` guide draws: ``elbo`` (mean log weight), ``iw_elbo``
+(:math:`\\log \\frac1N \\sum w_n`, the importance-weighted bound with :math:`K = N`),
+Pareto ``khat``, and ``mean_err`` / ``sd_err``: the mean over every **unconstrained**
+latent coordinate of :math:`|m - m_{ref}| / sd_{ref}` and :math:`|sd / sd_{ref} - 1|`;
+``neck_sd`` (the funnel's ``y``, exactly 3; ``log tau`` of the hierarchical models) and
+``mode_weight`` (the share of draws in the mode ``z_1 + z_2 > 0`` of the two-mode
+target, 0.5 exactly); the same with the suffix ``_ir`` for the draws weighted by their
+PSIS-smoothed importance weights (importance-weighted sampling of the final draws).
+References: exact or by quadrature where :mod:`~pyro_genext.infer.targets` has them
+(``Target.ref_mean``), else NUTS, checked with split R-hat and cached in
+``benchmarks/results/posterior_refs.json``.
+
+Guides are named ``Name`` or ``Name:key=value,key=value`` (keyword arguments of the
+guide, e.g. ``AutoRealNVP:stl=1,init_coupling_scale=0.01,hidden_dims=32/32``). Each
+finished run is appended to the ``--json`` file at once; runs already there are
+skipped, so a killed sweep resumes::
+
+    python benchmarks/posteriors.py --models banana bimodal --guides AutoRealNVP \\
+        RealNVP-hand --loops svi fit --steps 4000 --seeds 0 1 2 --json out.json
+    python benchmarks/posteriors.py --table out.json     # the tables of a sweep
 """
 
 from __future__ import annotations
@@ -30,7 +48,7 @@ from typing import Any
 
 import pyro
 import torch
-from pyro.distributions.transforms import affine_coupling, iterated, spline_coupling
+from pyro.distributions.transforms import Permute, affine_coupling, biject_to
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoIAFNormal,
@@ -38,171 +56,272 @@ from pyro.infer.autoguide import (
     AutoNormal,
     AutoNormalizingFlow,
 )
+from pyro.poutine.util import site_is_subsample
 
 from pyro_genext.diagnostics import _log_evidence, _psis, importance_samples
-from pyro_genext.infer import AutoNICE, AutoRealNVP
-from pyro_genext.infer.targets import TARGETS, Target, eight_schools
+from pyro_genext.infer import AutoNICE, AutoRealNVP, fit_guide
+from pyro_genext.infer.targets import HELD_OUT, TARGETS, Target, eight_schools, horseshoe
+from pyro_genext.transforms import Affine
 
 REFS = Path(__file__).parent / "results" / "posterior_refs.json"
+ALL_TARGETS = {**TARGETS, **HELD_OUT}
+
+
+def hand_realnvp(dim: int) -> Any:
+    """What a user builds from Pyro's couplings (issue 15): 4 x [affine_coupling(D,
+    hidden_dims=[H, H]), a fixed seeded permutation (a swap when D = 2)], then a learnable
+    element-wise affine layer starting at the identity; H = max(32, 4D); PyTorch's
+    default initialisation."""
+    h = max(32, 4 * dim)
+    parts: list[Any] = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        parts.append(affine_coupling(dim, hidden_dims=[h, h]))
+        perm = torch.tensor([1, 0]) if dim == 2 else torch.randperm(dim, generator=gen)
+        parts.append(Permute(perm))
+    parts.append(Affine(dim, scale=1.0))
+    return pyro.distributions.transforms.ComposeTransformModule(parts)
+
 
 GUIDES: dict[str, Any] = {
     "AutoNormal": AutoNormal,
     "AutoMultivariateNormal": AutoMultivariateNormal,
-    "AutoIAFNormal": partial(AutoIAFNormal, num_transforms=2),
-    "ANF-affine_coupling": lambda m: AutoNormalizingFlow(m, partial(iterated, 4, affine_coupling)),
-    "ANF-spline_coupling": lambda m: AutoNormalizingFlow(m, partial(iterated, 2, spline_coupling)),
+    "AutoIAFNormal": AutoIAFNormal,
+    "RealNVP-hand": lambda m, **kw: AutoNormalizingFlow(m, hand_realnvp, **kw),
     "AutoNICE": AutoNICE,
     "AutoRealNVP": AutoRealNVP,
-    "AutoRealNVP-stl": partial(AutoRealNVP, stl=True),
-    "AutoRealNVP-full": partial(AutoRealNVP, affine="full"),
-    # about AutoIAFNormal's parameter count, for the step-time comparison
-    "AutoRealNVP-small": partial(AutoRealNVP, hidden_dims=(32,)),
 }
 
 
-def flatten(draws: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([v.reshape(v.shape[0], -1) for _, v in sorted(draws.items())], dim=1)
+def make_guide(spec: str, model: Any) -> Any:
+    """``Name`` or ``Name:key=value,...``; a value ``a/b`` is a tuple of ints."""
+    name, _, opts = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        if "/" in value:
+            kwargs[key] = tuple(int(v) for v in value.split("/"))
+        elif key == "stl":
+            kwargs[key] = bool(int(value))
+        else:
+            try:
+                kwargs[key] = int(value)
+            except ValueError:
+                number = value.replace(".", "", 1).replace("e-", "", 1).isdigit()
+                kwargs[key] = float(value) if number else value
+    return GUIDES[name](model, **kwargs)
+
+
+def unconstrained(draws: dict[str, torch.Tensor], sites: dict[str, Any], names: list[str]) -> torch.Tensor:
+    cols = []
+    for k in names:
+        u = biject_to(sites[k]["fn"].support).inv(draws[k])
+        cols.append(u.reshape(u.shape[0], -1))
+    return torch.cat(cols, dim=1)
 
 
 # ------------------------------------------------------------------ references
 def nuts_reference(target: Target, warmup: int, samples: int, chains: int) -> dict[str, Any]:
-    model, args = target.model, target.args
-    if target.name == "eight_schools":
-        model = eight_schools(centered=False).model
+    """NUTS on the non-centred twin where there is one; moments of the unconstrained
+    coordinates of the target's own sites, in sorted site order."""
+    model = {"eight_schools": eight_schools(centered=False).model,
+             "horseshoe": horseshoe(centered=False).model}.get(target.name, target.model)
+    proto = pyro.poutine.trace(target.model).get_trace(*target.args)
+    sites = {k: s for k, s in proto.nodes.items()
+             if s["type"] == "sample" and not s["is_observed"] and not site_is_subsample(s)}
+    names = sorted(sites)
     runs = []
     for c in range(chains):
         pyro.set_rng_seed(100 + c)
         mcmc = MCMC(NUTS(model), num_samples=samples, warmup_steps=warmup, disable_progbar=True)
-        mcmc.run(*args)
-        s = {k: v for k, v in mcmc.get_samples().items()}
-        if target.name == "eight_schools":
-            s["theta"] = s["mu"][:, None] + s["tau"][:, None] * s.pop("eta")
-        runs.append(flatten(s))
+        mcmc.run(*target.args)
+        s = mcmc.get_samples()
+        if target.name == "horseshoe":
+            s["beta"] = s["tau"][:, None] * s["lambda"] * s.pop("z")
+        runs.append(unconstrained(s, sites, names))
     x = torch.stack(runs)  # (chains, samples, D)
     rhat = pyro.ops.stats.split_gelman_rubin(x, chain_dim=0, sample_dim=1)
     flat = x.reshape(-1, x.shape[-1])
-    return {"mean": flat.mean(0).tolist(), "sd": flat.std(0).tolist(),
+    return {"mean": flat.mean(0).tolist(), "sd": flat.std(0).tolist(), "unconstrained": True,
             "rhat_max": float(rhat.max()), "warmup": warmup, "samples": samples, "chains": chains}
 
 
-def exact_reference(target: Target) -> dict[str, Any]:
-    m = flatten({k: v.reshape(1, -1) for k, v in target.mean.items()})[0]
-    s = flatten({k: v.reshape(1, -1) for k, v in target.sd.items()})[0]
-    return {"mean": m.tolist(), "sd": s.tolist(), "exact": True}
-
-
 def reference(target: Target, args: argparse.Namespace) -> dict[str, Any]:
-    if target.mean:
-        return exact_reference(target)
+    if target.ref_mean:
+        names = sorted(target.ref_mean)
+        m = torch.cat([target.ref_mean[k].reshape(-1) for k in names])
+        s = torch.cat([target.ref_sd[k].reshape(-1) for k in names])
+        return {"mean": m.tolist(), "sd": s.tolist(), "exact": True}
     refs = json.loads(REFS.read_text()) if REFS.exists() else {}
-    key = f"{target.name}:{args.nuts_warmup}:{args.nuts_samples}:{args.nuts_chains}"
+    key = f"{target.name}:unconstrained:{args.nuts_warmup}:{args.nuts_samples}:{args.nuts_chains}"
+    cached = [k for k in refs if k.startswith(f"{target.name}:unconstrained:")]
+    if key not in refs and cached:  # a cached reference of other settings: the longest
+        key = max(cached, key=lambda k: refs[k]["chains"] * refs[k]["samples"])
     if key not in refs:
         t0 = time.perf_counter()
         refs[key] = nuts_reference(target, args.nuts_warmup, args.nuts_samples, args.nuts_chains)
         refs[key]["seconds"] = time.perf_counter() - t0
+        refs = {**json.loads(REFS.read_text()), **refs} if REFS.exists() else refs
         REFS.parent.mkdir(exist_ok=True)
         REFS.write_text(json.dumps(refs, indent=1))
     return refs[key]
 
 
 # ------------------------------------------------------------------ one fit
-def fit(target: Target, name: str, steps: int, seed: int, lr: float, ref: dict[str, Any],
-        num_samples: int) -> dict[str, Any]:
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = GUIDES[name](target.model)
-    # gradient clipping for every guide alike: without it a single funnel draw with a very
-    # negative neck overflows exp(-y) x^2 and turns the parameters into NaN (seen with
-    # AutoRealNVP, seed 1, step 343 of 400)
-    optim = pyro.optim.ClippedAdam({"lr": lr, "clip_norm": 10.0})
-    svi = SVI(target.model, guide, optim, Trace_ELBO(num_particles=4, vectorize_particles=True))
-    svi.step(*target.args)  # builds the guide
-    nparams = sum(p.numel() for p in pyro.get_param_store().values())
-    t0 = time.perf_counter()
-    losses = [svi.step(*target.args) for _ in range(steps - 1)]
-    step_ms = 1000 * (time.perf_counter() - t0) / max(1, steps - 1)
-    s = importance_samples(target.model, guide, *target.args, num_samples=num_samples)
+def svi_loop(target: Target, guide: Any, steps: int) -> tuple[list[float], int]:
+    """The plain loop of issue 15."""
+    optim = pyro.optim.ClippedAdam({"lr": 5e-3, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)})
+    svi = SVI(target.model, guide, optim, Trace_ELBO(num_particles=8, vectorize_particles=True))
+    return [svi.step(*target.args) for _ in range(steps)], steps
+
+
+def fit_loop(target: Target, guide: Any, steps: int, **options: Any) -> tuple[list[float], int]:
+    result = fit_guide(target.model, guide, *target.args, num_steps=steps, progress_bar=False, **options)
+    return result.losses, result.num_steps
+
+
+LOOPS = {
+    "svi": svi_loop,
+    "fit": fit_loop,
+    # importance-weighted training, K = 10 (Agrawal et al. 2020); the bound is too flat
+    # near the optimum for the plateau rule (see fit_guide), so every step is run
+    "fit-iwae": partial(fit_loop, objective="iwae", num_particles=10, stop_on_plateau=False),
+}
+
+
+def score(target: Target, guide: Any, ref: dict[str, Any], num_samples: int) -> dict[str, Any]:
+    s = importance_samples(target.model, guide, *target.args, num_samples=num_samples,
+                           max_simultaneous=min(num_samples, 2000))
     lw = s.log_weights.double()
-    ev = _log_evidence(lw)
     weights, khat = _psis(lw)
-    names = sorted(ref_sites(target))
-    x = flatten({k: s.draws[k] for k in names}).double()
-    m_ref, sd_ref = torch.tensor(ref["mean"]).double(), torch.tensor(ref["sd"]).double()
-
-    def errors(mean: torch.Tensor, sd: torch.Tensor) -> tuple[float, float]:
-        return (float(((mean - m_ref).abs() / sd_ref).mean()), float((sd / sd_ref - 1).abs().mean()))
-
-    me, se = errors(x.mean(0), x.std(0))
     w = weights.double()[:, None]
+    names = sorted(k for k in s.draws if k in s.sites and not s.sites[k]["infer"].get("_deterministic"))
+    x = unconstrained(s.draws, s.sites, names).double()
+    m_ref, sd_ref = torch.tensor(ref["mean"]).double(), torch.tensor(ref["sd"]).double()
+    out = {"elbo": float(lw.mean()), "iw_elbo": _log_evidence(lw).value, "khat": khat}
+    # the guide's own draws, then the same draws with PSIS weights ("_ir": importance-
+    # weighted sampling of the final draws, as Agrawal et al. 2020 recommend)
     mw = (w * x).sum(0)
-    me_ir, se_ir = errors(mw, ((w * (x - mw) ** 2).sum(0)).sqrt())
-    out = {"elbo": float(lw.mean()), "log_evidence": ev.value, "log_evidence_se": ev.stderr,
-           "khat": khat, "mean_err": me, "sd_err": se, "mean_err_ir": me_ir, "sd_err_ir": se_ir,
-           "step_ms": step_ms, "params": nparams, "finite": all(math.isfinite(v) for v in losses)}
+    sdw = (w * (x - mw) ** 2).sum(0).sqrt()
+    for suffix, m, sd in (("", x.mean(0), x.std(0)), ("_ir", mw, sdw)):
+        out["mean_err" + suffix] = float(((m - m_ref).abs() / sd_ref).mean())
+        out["sd_err" + suffix] = float((sd / sd_ref - 1).abs().mean())
+        if target.neck:
+            col = sum(s.draws[k][0].numel() for k in names[: names.index(target.neck)])
+            out["neck_sd" + suffix] = float(sd[col])
     if target.neck:
-        i = names.index(target.neck)
-        col = sum(s.draws[k][0].numel() for k in names[:i])
-        out["neck_sd"] = float(x[:, col].std())
+        out["neck_sd_ref"] = float(sd_ref[col])
+    if target.name == "bimodal":
+        upper = (s.draws["z"].sum(-1) > 0).double()
+        out["mode_weight"] = float(upper.mean())
+        out["mode_weight_ir"] = float((w[:, 0] * upper).sum())
     return out
 
 
-def ref_sites(target: Target) -> list[str]:
-    if target.mean:
-        return list(target.mean)
-    return ["mu", "tau", "theta"] if target.name == "eight_schools" else ["b", "w"]
+def run(target: Target, spec: str, loop: str, steps: int, seed: int, ref: dict[str, Any],
+        num_samples: int) -> dict[str, Any]:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = make_guide(spec, target.model)
+    t0 = time.perf_counter()
+    losses, ran = LOOPS[loop](target, guide, steps)
+    wall = time.perf_counter() - t0
+    out = {"steps_run": ran, "seconds": wall, "step_ms": 1000 * wall / max(1, ran),
+           "final_loss": statistics.mean(losses[-100:]),
+           "finite": all(math.isfinite(v) for v in losses),
+           "params": sum(p.numel() for p in pyro.get_param_store().values())}
+    out.update(score(target, guide, ref, num_samples))
+    return out
 
 
-# ------------------------------------------------------------------ table
+# ------------------------------------------------------------------ tables
+COLUMNS = [("elbo", ".3f"), ("iw_elbo", ".3f"), ("khat", ".2f"), ("mean_err", ".3f"),
+           ("sd_err", ".3f"), ("neck_sd", ".2f"), ("mode_weight", ".2f"), ("mean_err_ir", ".3f"),
+           ("sd_err_ir", ".3f"), ("neck_sd_ir", ".2f"), ("mode_weight_ir", ".2f"),
+           ("steps_run", ".0f")]
+
+
+def table(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    cols = [(c, f) for c, f in COLUMNS if columns is None or c in columns]
+    lines = []
+    for tname in dict.fromkeys(r["target"] for r in records):
+        rows = [r for r in records if r["target"] == tname]
+        lines.append(f"\n## {tname}  (reference: {rows[0]['reference']})")
+        lines.append(f"{'guide':50s} {'loop':8s} {'n':>2s} " + " ".join(f"{c[:10]:>10s}" for c, _ in cols))
+        for key in dict.fromkeys((r["guide"], r["loop"]) for r in rows):
+            runs = [r for r in rows if (r["guide"], r["loop"]) == key and "error" not in r]
+            failed = sum(1 for r in rows if (r["guide"], r["loop"]) == key and "error" in r)
+            cells = []
+            for c, fmt in cols:
+                v = [r[c] for r in runs if c in r and math.isfinite(r[c])]
+                if not v:
+                    cells.append(f"{'-':>10s}")
+                elif len(v) == 1:
+                    cells.append(f"{v[0]:>10{fmt}}")
+                else:  # mean and half the range over seeds
+                    cells.append(f"{statistics.mean(v):{fmt}}~{(max(v) - min(v)) / 2:.{fmt[1]}f}".rjust(10))
+            note = f" ({failed} failed)" if failed else ""
+            lines.append(f"{key[0][:50]:50s} {key[1]:8s} {len(runs):>2d} " + " ".join(cells) + note)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--num-samples", type=int, default=2000, help="guide draws per evaluation")
-    p.add_argument("--models", nargs="+", default=list(TARGETS), choices=list(TARGETS))
-    p.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES))
-    p.add_argument("--nuts-warmup", type=int, default=300)
-    p.add_argument("--nuts-samples", type=int, default=500)
+    p.add_argument("--models", nargs="+", default=list(ALL_TARGETS), choices=list(ALL_TARGETS))
+    p.add_argument("--guides", nargs="+", default=list(GUIDES))
+    p.add_argument("--loops", nargs="+", default=["svi", "fit"], choices=list(LOOPS))
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--num-samples", type=int, default=10000, help="guide draws per evaluation")
+    p.add_argument("--nuts-warmup", type=int, default=500,
+                   help="NUTS settings of a new reference (a cached one is used if there is one)")
+    p.add_argument("--nuts-samples", type=int, default=1000)
     p.add_argument("--nuts-chains", type=int, default=2)
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--reference-only", action="store_true", help="compute the references and stop")
+    p.add_argument("--json", type=Path, default=None, help="results, appended run by run")
+    p.add_argument("--table", type=Path, nargs="+", default=None,
+                   help="print the tables of results files (merged, in order) for --models")
+    p.add_argument("--columns", nargs="+", default=None, choices=[c for c, _ in COLUMNS])
+    p.add_argument("--only", nargs="+", default=None, help="with --table: these guides, in this order")
+    p.add_argument("--rename", nargs="+", default=[], help="with --table: OLD=>NEW guide names")
     a = p.parse_args(argv)
+    if a.table:
+        runs = [r for path in a.table for r in json.loads(path.read_text())["runs"]]
+        runs = [r for r in runs if r["target"] in a.models and (a.only is None or r["guide"] in a.only)]
+        if a.only:  # rows in the order asked
+            runs.sort(key=lambda r: (a.models.index(r["target"]), a.only.index(r["guide"])))
+        names = dict(item.split("=>", 1) for item in a.rename)
+        print(table([{**r, "guide": names.get(r["guide"], r["guide"])} for r in runs], a.columns))
+        return 0
     torch.set_num_threads(1)
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "models": {}}
+    results: dict[str, Any] = {"runs": []}
+    if a.json and a.json.exists():
+        results = json.loads(a.json.read_text())
+    done = {(r["target"], r["guide"], r["loop"], r["seed"], r["steps"]) for r in results["runs"]}
     for mname in a.models:
-        target = TARGETS[mname]()
+        target = ALL_TARGETS[mname]()
         ref = reference(target, a)
         rdesc = "exact" if ref.get("exact") else (
             f"NUTS {ref['chains']}x{ref['samples']} (warmup {ref['warmup']}), "
             f"max R-hat {ref['rhat_max']:.3f}")
-        print(f"\n## {mname}  (reference: {rdesc})", flush=True)
-        hdr = (f"{'guide':24s} {'ELBO':>8s} {'log Z':>8s} {'k-hat':>6s} {'mean err':>9s} "
-               f"{'sd err':>7s} {'+IR mean':>9s} {'+IR sd':>7s} {'neck sd':>8s} {'ms/step':>8s} "
-               f"{'params':>7s} {'fail':>4s}")
-        print(hdr)
-        table: dict[str, Any] = {"reference": ref, "guides": {}}
-        for g in a.guides:
-            runs, failed = [], 0
-            for seed in a.seeds:
-                try:
-                    runs.append(fit(target, g, a.steps, seed, a.lr, ref, a.num_samples))
-                except (ValueError, RuntimeError) as e:  # a diverged fit is a result too
-                    failed += 1
-                    print(f"  {g} seed {seed} failed: {str(e).splitlines()[0][:120]}", flush=True)
-            table["guides"][g] = {"runs": runs, "failed": failed}
-
-            def ms(key: str, fmt: str = ".2f", runs: list[dict[str, Any]] = runs) -> str:
-                v = [r[key] for r in runs if key in r]
-                if not v:
-                    return "-"
-                return f"{statistics.mean(v):{fmt}}"
-
-            print(f"{g:24s} {ms('elbo'):>8s} {ms('log_evidence'):>8s} {ms('khat'):>6s} "
-                  f"{ms('mean_err', '.3f'):>9s} {ms('sd_err', '.3f'):>7s} {ms('mean_err_ir', '.3f'):>9s} "
-                  f"{ms('sd_err_ir', '.3f'):>7s} {ms('neck_sd'):>8s} {ms('step_ms', '.1f'):>8s} "
-                  f"{ms('params', '.0f'):>7s} {failed:>4d}", flush=True)
-        results["models"][mname] = table
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=1))
+        print(f"## {mname}: reference {rdesc}", flush=True)
+        if a.reference_only:
+            continue
+        for spec in a.guides:
+            for loop in a.loops:
+                for seed in a.seeds:
+                    if (mname, spec, loop, seed, a.steps) in done:
+                        continue
+                    rec: dict[str, Any] = {"target": mname, "guide": spec, "loop": loop, "seed": seed,
+                                           "steps": a.steps, "reference": rdesc}
+                    try:
+                        rec.update(run(target, spec, loop, a.steps, seed, ref, a.num_samples))
+                    except (ValueError, RuntimeError) as e:  # a diverged fit is a result too
+                        rec["error"] = str(e).splitlines()[0][:200]
+                    print(json.dumps(rec), flush=True)
+                    results["runs"].append(rec)
+                    if a.json:
+                        a.json.write_text(json.dumps(results, indent=1))
     return 0
 
 

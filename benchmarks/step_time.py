@@ -3,7 +3,7 @@ Pyro's ``SVI.step`` and on the fast training path.
 
 For each model, AutoIAFNormal(num_transforms=2) (Pyro's default widths, 3D+1) is built
 first; AutoRealNVP gets one hidden layer whose width h makes its parameter count closest
-to that. AutoRealNVP at its defaults (4 couplings, two hidden layers of max(32, 4D)) is
+to that. AutoRealNVP at its defaults (10 couplings, two hidden layers of 32, stl=True) is
 compared with an AutoIAFNormal(2) whose hidden width makes *its* count closest to that.
 
 Two ways to take a step:

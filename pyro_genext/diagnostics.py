@@ -163,9 +163,18 @@ def importance_samples(
         n = min(chunk, num_samples - done)
         if n < 2:  # vectorized_importance_weights drops the particle dim for one draw
             n = 2
-        _, model_trace, guide_trace = vectorized_importance_weights(
-            model, guide, *args, num_samples=n, max_plate_nesting=mpn, **kwargs
-        )
+        try:
+            _, model_trace, guide_trace = vectorized_importance_weights(
+                model, guide, *args, num_samples=n, max_plate_nesting=mpn, **kwargs
+            )
+        except (ValueError, RuntimeError, IndexError) as e:
+            raise ValueError(
+                f"running the model and guide on {n} draws at once (under an outer plate at "
+                f"dim {-mpn - 1}) failed; the diagnostics need a vectorisable model, as "
+                "Pyro's vectorised ELBOs do: latent values must broadcast with the plates "
+                "(index with `...`, no unsqueeze of a latent value that a plate batches). "
+                f"The error: {str(e).splitlines()[0]}"
+            ) from e
         symbol = guide_trace.plate_to_symbol["num_particles_vectorized"]
         log_p.append(plate_log_prob_sum(model_trace, symbol))
         log_q.append(plate_log_prob_sum(guide_trace, symbol))
@@ -324,7 +333,7 @@ def _dims(name: str, site: dict[str, Any], ndim: int) -> list[str]:
 
 def to_inference_data(
     model: Callable[..., Any], guide: Callable[..., Any], *args: Any, num_samples: int = 1000,
-    posterior_predictive: bool = False, **kwargs: Any,
+    posterior_predictive: bool = False, max_simultaneous: int | None = None, **kwargs: Any,
 ) -> Any:
     r"""The guide's draws as an :class:`arviz.InferenceData`, so that ``az.summary``,
     ``az.plot_pair`` and the rest work on a variational posterior as on MCMC output.
@@ -340,6 +349,9 @@ def to_inference_data(
     * ``observed_data``: the model's observed sites;
     * ``posterior_predictive`` (if asked): one replicate of each observed site per draw,
       from the model with its observations removed (``poutine.uncondition``).
+
+    ``max_simultaneous`` draws are scored at a time (default: all), as in
+    :func:`importance_samples`; ``*args, **kwargs`` go to the model and guide only.
 
     The draws are independent, so ArviZ's diagnostics mean something else than for
     MCMC: R-hat is 1 up to noise (there is one chain and no autocorrelation; it cannot
@@ -361,7 +373,8 @@ def to_inference_data(
         ((1, 50), ('obs',))
     """
     az = _arviz()
-    samples = importance_samples(model, guide, *args, num_samples=num_samples, **kwargs)
+    samples = importance_samples(model, guide, *args, num_samples=num_samples,
+                                 max_simultaneous=max_simultaneous, **kwargs)
     posterior = {k: v.detach().cpu().numpy()[None] for k, v in samples.draws.items()}
     dims = {k: _dims(k, samples.sites[k], v.dim() - 1) for k, v in samples.draws.items()}
     observed = {k: site["value"].detach().cpu().numpy() for k, site in samples.observed.items()}
@@ -431,6 +444,10 @@ def diagnose(
     is (for a good estimate) the KL divergence from the guide to the posterior. The
     verdict follows the :math:`\hat k` thresholds 0.5 and 0.7 of Yao et al. (2018,
     arXiv:1802.02538), explained in the module docstring.
+
+    The model and guide must be vectorisable (runnable under an extra outer plate, as
+    for ``Trace_ELBO(vectorize_particles=True)``); if they are not, a ``ValueError``
+    says so.
 
     Example::
 

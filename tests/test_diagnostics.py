@@ -137,3 +137,26 @@ def test_diagnose_prints_and_judges(capsys):
 def test_bad_input():
     with pytest.raises(ValueError, match="num_samples to be an integer >= 2"):
         log_evidence(conjugate, AutoNormal(conjugate), Y, num_samples=1)
+
+
+def test_to_inference_data_in_chunks_with_posterior_predictive():
+    # max_simultaneous is for the importance sampler, not for the model (issue 15)
+    guide = gaussian_guide()
+    idata = to_inference_data(conjugate, guide, Y, num_samples=60, max_simultaneous=25,
+                              posterior_predictive=True)
+    assert idata.posterior["mu"].shape == (1, 60)
+    assert idata.posterior_predictive["y"].shape == (1, 60, N)
+
+
+def not_vectorised(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        # right for one draw; under an outer plate of draws, mu has shape (N, 1) and the
+        # unsqueeze puts the draws where no plate is (Pyro: "Invalid tensor shape")
+        pyro.sample("y", dist.Normal(mu.unsqueeze(-1), 1.0), obs=y)
+
+
+def test_non_vectorised_model_gets_a_message_stating_the_requirement():
+    guide = AutoNormal(not_vectorised)
+    with pytest.raises(ValueError, match="vectoris"):
+        diagnose(not_vectorised, guide, Y, num_samples=100, verbose=False)

@@ -1,5 +1,10 @@
-"""Flow autoguides for Pyro models: :class:`AutoRealNVP` and :class:`AutoNICE`."""
+"""Flow autoguides for Pyro models (:class:`AutoRealNVP`, :class:`AutoNICE`) and a
+fitting loop for any guide (:func:`fit_guide`)."""
 
 from .autoguide import AutoCouplingFlow, AutoNICE, AutoRealNVP, coupling_splits
+from .fit import FitResult, ImportanceWeightedELBO, fit_guide
 
-__all__ = ["AutoCouplingFlow", "AutoNICE", "AutoRealNVP", "coupling_splits"]
+__all__ = [
+    "AutoCouplingFlow", "AutoNICE", "AutoRealNVP", "coupling_splits",
+    "FitResult", "ImportanceWeightedELBO", "fit_guide",
+]
