@@ -408,6 +408,26 @@ def test_run_folder_rules(tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_a_run_that_cannot_start_leaves_the_run_folder_alone(tmp_path):
+    """--overwrite removes the old checkpoints only once the new run is built: a model the
+    kind refuses to build (here, as the VAE refuses --free-bits with a flow) keeps the old
+    run, and a new run that cannot start leaves no folder behind."""
+
+    def refuse(s, data):
+        raise ValueError("cannot build this model")
+
+    out = tmp_path / "r"
+    settings = {"data": "moons", "steps": 0, "batch_size": 500, "init_scale": 1.0}
+    engine.fit(GAUSSIAN, settings, out, progress=False, log=_quiet)
+    broken = dataclasses.replace(GAUSSIAN, build=refuse)
+    with pytest.raises(ValueError, match="cannot build"):
+        engine.fit(broken, settings, out, overwrite=True, progress=False, log=_quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]
+    with pytest.raises(ValueError, match="cannot build"):
+        engine.fit(broken, settings, tmp_path / "new", progress=False, log=_quiet)
+    assert not (tmp_path / "new").exists()
+
+
 def _trainer(**settings):
     s = {**engine.default_settings(GAUSSIAN), "data": "moons", "batch_size": 100, "lr": 0.01,
          "init_scale": 2.0, **settings}

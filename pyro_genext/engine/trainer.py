@@ -373,7 +373,8 @@ def fit(
             memory. A folder that already holds a run is refused (:class:`RunExistsError`)
             unless ``resume`` or ``overwrite``.
         resume: continue from ``out/last.pt``, exactly where it stopped.
-        overwrite: start afresh in a folder that holds a run (its checkpoints are removed).
+        overwrite: start afresh in a folder that holds a run (its checkpoints are removed
+            once the new run is built, so a run that cannot start leaves them).
         progress: show a progress bar on stderr.
         log: called with each log line (default: stderr).
         train_data, val_data: the splits, instead of loading ``settings["data"]``.
@@ -400,15 +401,15 @@ def fit(
         s = settings_for(k, settings)
     check_settings(s, k)
     ctx, device = distributed.setup(str(s["device"]))
-    if outp is not None:
-        open_run_folder(outp, resume=state, overwrite=overwrite, writer=ctx.is_main)
-        distributed.barrier(ctx)
     seed = int(s["seed"])
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     tr = train_data or load_dataset(s["data"], "train", root=s["root"], seed=seed)
     va = val_data or load_dataset(s["data"], "val", root=s["root"], seed=seed)
     trainer = Trainer(k, s, tr, va, out=outp, ctx=ctx, device=device, log=log)
+    if outp is not None:  # once the run is built: --overwrite keeps a run that would not start
+        open_run_folder(outp, resume=state, overwrite=overwrite, writer=ctx.is_main)
+        distributed.barrier(ctx)
     if state is not None:
         trainer.load_state_dict(state)
         trainer.progress.say(f"resumed from {outp}/last.pt at step {trainer.step} of "
