@@ -117,7 +117,7 @@ def test_a_third_kind_trains_evaluates_and_resumes_through_the_cli(tmp_path, cap
         assert torch.equal(v, b["model"][k]), k
     h = a["history"][-1]
     assert h["nll_median"] <= h["nll_worst"]
-    # the fit is the data's own mean and scale (moons is standardised): NLL near that of N(0, I)
+    # the fit is the data's own mean and scale: NLL near that of N(mean, sd) of the test split
     x = load_dataset("moons", "test").x
     gauss = dist.Normal(x.mean(0), x.std(0)).to_event(1)
     capsys.readouterr()
