@@ -337,6 +337,32 @@ def test_a_crash_between_the_two_checkpoint_writes_leaves_no_stale_best(tmp_path
     assert result["best_step"] == best["step"] and result["best"] == best["best_summary"]
 
 
+def test_a_run_resumed_with_its_budget_already_spent_still_validates(tmp_path):
+    """A run killed after a periodic checkpoint (step 5, no validation yet) and resumed with
+    --steps 5: the run ends at once with the validation every run ends with (it returned no
+    best, and the command line failed with KeyError: 'metric_mean')."""
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(trainer):
+        if trainer.step == 7:
+            raise Killed
+
+    out = tmp_path / "r"
+    settings = {"data": "moons", "steps": 20, "batch_size": 500, "init_scale": 1.0,
+                "checkpoint_every": 5}
+    with pytest.raises(Killed):
+        engine.fit(GAUSSIAN, settings, out, progress=False, log=_quiet, callback=kill_at_7)
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
+    result = engine.fit(GAUSSIAN, {"steps": 5}, out, resume=True, progress=False, log=_quiet)
+    assert (result["steps"], result["best_step"], result["last"]["step"]) == (5, 5, 5)
+    assert engine.load_checkpoint(out / "best.pt")["step"] == 5
+    assert engine.describe_result(result).startswith("best validation nll ")
+    again = engine.fit(GAUSSIAN, {"steps": 5}, out, resume=True, progress=False, log=_quiet)
+    assert again["history"] == result["history"]  # validated once, not at each resume
+
+
 def test_on_step_runs_right_before_each_loss_with_the_steps_taken(tmp_path):
     """ModelKind.on_step(module, step, settings): before each training step's loss, after
     the batch is prepared, with the number of optimiser steps already taken (0 first); a

@@ -314,8 +314,9 @@ class Trainer:
             progress: bool = True) -> dict[str, Any]:
         """Train to ``total_steps``; ``callback(self)`` after every ``every``-th step (and at
         step 0 of a new run). Returns :meth:`result`."""
-        if self.step == 0 and self.total_steps == 0:
-            self.validate()
+        if self.step == self.total_steps:  # nothing to train (--steps 0, or a resumed run)
+            if not self.history or self.history[-1]["step"] != self.step:
+                self.validate()  # the validation a run ends with, unless it has it
             return self.result()
         if progress:
             self.progress.open_bar(self.total_steps, self.step)
