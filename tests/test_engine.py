@@ -552,3 +552,18 @@ def test_a_kinds_flags_may_live_in_argument_groups():
                                                                           "lr": 0.01}
     shown = " ".join(p.format_help().split())
     assert "KL warm-up steps (default: 0)" in shown and "the prior (default: 'none')" in shown
+
+
+def test_parameters_that_do_not_fit_are_refused_naming_both_versions():
+    """Wrong names or wrong shapes: one line naming this version and the writer's."""
+    from pyro_genext import __version__
+    from pyro_genext.engine.checkpoint import load_model_state
+
+    own = Gaussian(2, 1.0).state_dict()
+    wider = {k: torch.zeros(3) for k in own}
+    fewer = dict(list(own.items())[:1])
+    for model in (wider, fewer):
+        with pytest.raises(engine.CheckpointError) as e:
+            load_model_state(Gaussian(2, 1.0), {"model": model, "library_version": "0.0.9"})
+        msg = str(e.value)
+        assert f"({__version__})" in msg and "written by version 0.0.9" in msg and "\n" not in msg

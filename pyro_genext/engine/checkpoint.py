@@ -135,7 +135,8 @@ def load_model_state(module: nn.Module, state: Mapping[str, Any]) -> None:
     except RuntimeError as e:
         raise CheckpointError(
             f"checkpoint does not match the model this version of pyro_genext ({_version()}) "
-            f"builds: {str(e).strip().splitlines()[-1].strip()}"
+            f"builds: {str(e).strip().splitlines()[-1].strip().rstrip('.')}; it was written by "
+            f"version {wrote}"
         ) from e
 
 
