@@ -517,6 +517,31 @@ def test_free_bits_change_the_gradient_only_below_the_threshold():
     assert as_int == pytest.approx(loss, rel=1e-6)
 
 
+def test_free_bits_term_carries_the_kl_weight_and_the_plate_scale():
+    """The training loss is -recon * size/N + beta * size * sum_j max(lambda, KL_j): the
+    free-bits floor is weighted by the warm-up's beta like the KL it stands in for, and
+    scaled to the data set's size like the minibatch's other terms."""
+    x = torch.rand(16, 6).bernoulli()
+    vae = VAE(6, 4, hidden_dims=(10,))
+    perturb(vae)
+    with torch.no_grad():
+        mu, sd, _ = vae.encoder(x)
+    kl_bar = (0.5 * (sd**2 + mu**2 - 1) - torch.log(sd)).mean(0)
+    lam = float(kl_bar.median())  # some dimensions below the floor, some above
+
+    def loss(free_bits: float, beta: float, size: int | None) -> float:
+        vae.free_bits, vae.kl_weight = free_bits, beta
+        pyro.set_rng_seed(5)
+        with torch.no_grad():
+            return float(TraceMeanField_ELBO().differentiable_loss(vae.model, vae.guide, x, size))
+
+    for beta, size in ((1.0, None), (0.3, None), (1.0, 1000), (0.3, 1000)):
+        n = 16 if size is None else size
+        floor = beta * n * float(torch.relu(lam - kl_bar).sum())
+        assert floor > 0.1
+        assert loss(lam, beta, size) - loss(0.0, beta, size) == pytest.approx(floor, rel=1e-5), (beta, size)
+
+
 def test_free_bits_and_warm_up_are_checked():
     with pytest.raises(ValueError, match="free_bits needs the closed-form KL"):
         VAE(5, 3, posterior_flow="realnvp", free_bits=0.5)
