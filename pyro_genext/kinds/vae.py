@@ -68,24 +68,11 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from ..data import Dataset, binarize, intensities
 from ..engine.kind import ModelKind
-from ..engine.settings import nonneg_int, positive_float, positive_int
+from ..engine.settings import nonneg_float, nonneg_int, positive_float, positive_int
 from ..engine.validation import per_example_metrics, split_seed
 from ..models import VAE, ImportanceWeightedELBO, kl_warmup_weight
 
 __all__ = ["build", "loss", "prepare", "VAE_KIND"]
-
-
-def _nonneg_float(text: str) -> float:
-    """An argparse type: a finite number >= 0 (:func:`~pyro_genext.engine.positive_float`, or 0)."""
-    try:
-        return positive_float(text)
-    except argparse.ArgumentTypeError as e:
-        try:
-            if float(text) == 0:
-                return 0.0
-        except ValueError:
-            pass
-        raise argparse.ArgumentTypeError(str(e).replace("> 0", ">= 0")) from None
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,7 +105,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-warmup", type=nonneg_int, default=0,
                    help="KL warm-up: the KL term's weight rises linearly to 1 over this many steps "
                         "(default 0: no warm-up; --objective elbo)")
-    p.add_argument("--free-bits", type=_nonneg_float, default=0.0,
+    p.add_argument("--free-bits", type=nonneg_float, default=0.0,
                    help="free bits: nats per latent dimension below which the batch-mean KL of a "
                         "dimension is not penalised (default 0; --objective elbo, Gaussian "
                         "posterior and prior)")
