@@ -897,6 +897,19 @@ def _optimise(params: list[torch.Tensor], log_w: Callable[[int], torch.Tensor], 
         opt.step()
 
 
+def _free_gaussian(loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Free per-example parameters ``(mu, rho)`` of a diagonal Gaussian, started at the
+    encoder's ``(loc, scale)``; ``rho`` is the encoder's parametrisation of the scale,
+    ``scale = softplus(rho) + 1e-5`` (see :func:`_gaussian`)."""
+    rho = (scale.detach() - 1e-5).clamp(min=1e-6).expm1().log()  # softplus^-1
+    return loc.detach().clone().requires_grad_(), rho.requires_grad_()
+
+
+def _gaussian(mu: torch.Tensor, rho: torch.Tensor) -> dist.TorchDistribution:
+    """The diagonal Gaussian of :func:`_free_gaussian`'s parameters, event shape ``(z_dim,)``."""
+    return dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+
+
 def _mean_log_w(log_w: Callable[[int], torch.Tensor], total: int, chunk: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([log_w(c) for c in _chunks(total, chunk)]).mean(0)
@@ -1000,11 +1013,10 @@ def gap_decomposition(
             torch.manual_seed(seed)
             elbo_amortised = _mean_log_w(lambda k: vae.log_weights(x, k), elbo_samples, chunk)
             loc0, scale0, h0 = vae.encoder(x)
-            mu = loc0.detach().clone().requires_grad_()
-            rho = (scale0.detach() - 1e-5).clamp(min=1e-6).expm1().log().requires_grad_()  # softplus^-1
+            mu, rho = _free_gaussian(loc0, scale0)
 
             def gaussian(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-                base = dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+                base = _gaussian(mu, rho)
                 z0 = base.rsample((k,))
                 return z0, base.log_prob(z0)
 
@@ -1017,13 +1029,12 @@ def gap_decomposition(
             if vae.flow is None:
                 elbo_family = elbo_gaussian
             else:
-                mu_f = loc0.detach().clone().requires_grad_()
-                rho_f = (scale0.detach() - 1e-5).clamp(min=1e-6).expm1().log().requires_grad_()
+                mu_f, rho_f = _free_gaussian(loc0, scale0)
                 h = h0.detach().clone().requires_grad_()
                 flow = vae.flow
 
                 def family_log_w(k: int) -> torch.Tensor:
-                    base = dist.Normal(mu_f, F.softplus(rho_f) + 1e-5).to_event(1)
+                    base = _gaussian(mu_f, rho_f)
                     t = flow.condition(h)
                     z0 = base.rsample((k,))
                     z = t(z0)
@@ -1047,7 +1058,7 @@ def gap_decomposition(
             # whichever of the two scored higher
             elbo_flexible = torch.maximum(_mean_log_w(flexible_log_w, elbo_samples, chunk), elbo_gaussian)
             def flexible_log_q(z: torch.Tensor) -> torch.Tensor:
-                base = dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+                base = _gaussian(mu, rho)
                 if local is None:
                     return base.log_prob(z)
                 z0, ladj = local.inverse(z)
