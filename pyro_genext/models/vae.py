@@ -974,8 +974,9 @@ def gap_decomposition(
     can make one slightly negative.
 
     Cost: ``steps`` (twice, three times for a flow posterior) times ``particles`` decoder
-    passes per example, plus ``2 num_samples + 3 elbo_samples``. The VAE's parameters are
-    not changed; torch's global random stream is forked and seeded by ``seed``.
+    passes per example, plus ``2 num_samples`` and ``3 elbo_samples`` (4 for a flow
+    posterior: its own family's ELBO too). The VAE's parameters are not changed; torch's
+    global random stream is forked and seeded by ``seed``.
 
     Example::
 
