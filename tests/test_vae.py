@@ -722,6 +722,18 @@ def test_data_dtypes_are_converted_to_the_model_and_empty_batches_refused():
         density.log_prob(torch.zeros(0, 4))
 
 
+def test_non_tensor_and_complex_data_are_refused_by_both_models():
+    from pyro_genext.flows import realnvp
+    from pyro_genext.models import FlowDensity
+
+    vae, density = VAE(4, 2, hidden_dims=(8,)), FlowDensity(realnvp(4, num_layers=2, hidden_dims=(8,)))
+    for call in (vae.elbo, vae.encode, density.log_prob):
+        with pytest.raises(TypeError, match="expected data as a torch.Tensor, got list"):
+            call([[0.0, 1.0, 0.0, 1.0]])
+        with pytest.raises(ValueError, match="expected real data, got dtype torch.complex64"):
+            call(torch.zeros(3, 4, dtype=torch.complex64))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"likelihood": "gaussian", "sigma": float("inf")}, "finite sigma > 0"),
     ({"posterior_flow": "realnvp", "flow_hidden_dims": (0,)}, r"integers in flow_hidden_dims, got \(0,\)"),

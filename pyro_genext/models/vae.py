@@ -136,7 +136,7 @@ from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
-from ..checks import data_checks_enabled
+from ..checks import as_model_dtype, data_checks_enabled
 from ..flows import ConditionalChain, conditional_nice, conditional_realnvp, nice, realnvp
 from ..transforms.base import Bijector
 
@@ -714,13 +714,7 @@ class VAE(PyroModule):
         booleans, other floats) become the dtype of the VAE's parameters. Shapes and an empty
         batch always; values unless switched off by
         :func:`~pyro_genext.checks.data_checks` (and not ``force``)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
-        if x.is_complex():
-            raise ValueError(f"expected real data, got dtype {x.dtype}")
-        dtype = next(self.encoder.parameters()).dtype
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        x = as_model_dtype(x, next(self.encoder.parameters()).dtype)
         k = len(self.input_shape)
         ok = x.dim() == k + 1 if batched else x.dim() >= k
         if not ok or tuple(x.shape[x.dim() - k :]) != self.input_shape:
