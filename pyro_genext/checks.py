@@ -24,10 +24,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+
+import torch
 
 __all__ = ["data_checks", "data_checks_enabled"]
 
 _ENABLED = [True]
+
+
+def as_model_dtype(x: Any, dtype: torch.dtype) -> torch.Tensor:
+    """Data ``x`` as a real tensor of the model's ``dtype``: integers, booleans and other
+    floats are converted; a non-tensor is a ``TypeError``, complex data a ``ValueError``.
+    (Shapes and values are each model's own checks.)"""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise ValueError(f"expected real data, got dtype {x.dtype}")
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def data_checks_enabled() -> bool:

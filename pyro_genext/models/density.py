@@ -26,7 +26,7 @@ from pyro.params.param_store import param_with_module_name
 from torch import nn
 from torch.distributions import Transform
 
-from ..checks import data_checks_enabled
+from ..checks import as_model_dtype, data_checks_enabled
 from ..distributions import FlowDistribution
 from ..metrics import bits_per_dim
 from ..transforms.base import FlowTransform, check_event_shape
@@ -300,12 +300,7 @@ class FlowDensity(PyroModule):
         density, which with the logit pre-processing is slightly wider than the data range.
         Continuous data are only checked to be finite.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
-        if x.is_complex():
-            raise ValueError(f"expected real data, got dtype {x.dtype}")
-        if x.dtype != self.base_loc.dtype:  # integers, booleans, other floats: the model's dtype
-            x = x.to(self.base_loc.dtype)
+        x = as_model_dtype(x, self.base_loc.dtype)
         check_event_shape(x, self.event_shape, "data")
         if x.numel() == 0:
             raise ValueError(f"expected at least one example, got an empty batch of shape {tuple(x.shape)}")

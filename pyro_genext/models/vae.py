@@ -136,7 +136,7 @@ from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
-from ..checks import data_checks_enabled
+from ..checks import as_model_dtype, data_checks_enabled
 from ..flows import ConditionalChain, conditional_nice, conditional_realnvp, nice, realnvp
 from ..transforms.base import Bijector
 
@@ -531,8 +531,9 @@ class VAE(PyroModule):
         self._free_bits_term = None
         if self.free_bits > 0:
             # max(lambda, KL_j) in place of KL_j, on the batch-mean KL of each dimension:
-            # the model adds  -beta * size * sum_j relu(lambda - mean_n KL_nj)  to the joint
-            kl = _normal_kl_per_dim(q.base_dist.loc, q.base_dist.scale).mean(0)
+            # the model adds  -beta * size * sum_j relu(lambda - mean_n KL_nj)  to the joint;
+            # KL_nj is the closed form TraceMeanField_ELBO uses, dimension by dimension
+            kl = torch.distributions.kl_divergence(q.base_dist, self.prior((x.shape[0],)).base_dist).mean(0)
             shortfall = torch.relu(self.free_bits - kl).sum()
             self._free_bits_term = (given, -self.kl_weight * n * shortfall)
 
@@ -713,13 +714,7 @@ class VAE(PyroModule):
         booleans, other floats) become the dtype of the VAE's parameters. Shapes and an empty
         batch always; values unless switched off by
         :func:`~pyro_genext.checks.data_checks` (and not ``force``)."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected data as a torch.Tensor, got {type(x).__name__}")
-        if x.is_complex():
-            raise ValueError(f"expected real data, got dtype {x.dtype}")
-        dtype = next(self.encoder.parameters()).dtype
-        if x.dtype != dtype:
-            x = x.to(dtype)
+        x = as_model_dtype(x, next(self.encoder.parameters()).dtype)
         k = len(self.input_shape)
         ok = x.dim() == k + 1 if batched else x.dim() >= k
         if not ok or tuple(x.shape[x.dim() - k :]) != self.input_shape:
@@ -775,11 +770,6 @@ def kl_warmup_weight(step: int, warmup: int) -> float:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"expected warmup a non-negative integer number of steps, got {warmup!r}")
     return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
-
-
-def _normal_kl_per_dim(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    r""":math:`\mathrm{KL}(\mathcal{N}(\mu_j, \sigma_j^2) \| \mathcal{N}(0, 1))` per dimension."""
-    return 0.5 * (scale**2 + loc**2 - 1) - torch.log(scale)
 
 
 # ---------------------------------------------------------------------------- inference gaps
@@ -901,6 +891,19 @@ def _optimise(params: list[torch.Tensor], log_w: Callable[[int], torch.Tensor], 
         opt.step()
 
 
+def _free_gaussian(loc: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Free per-example parameters ``(mu, rho)`` of a diagonal Gaussian, started at the
+    encoder's ``(loc, scale)``; ``rho`` is the encoder's parametrisation of the scale,
+    ``scale = softplus(rho) + 1e-5`` (see :func:`_gaussian`)."""
+    rho = (scale.detach() - 1e-5).clamp(min=1e-6).expm1().log()  # softplus^-1
+    return loc.detach().clone().requires_grad_(), rho.requires_grad_()
+
+
+def _gaussian(mu: torch.Tensor, rho: torch.Tensor) -> dist.TorchDistribution:
+    """The diagonal Gaussian of :func:`_free_gaussian`'s parameters, event shape ``(z_dim,)``."""
+    return dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+
+
 def _mean_log_w(log_w: Callable[[int], torch.Tensor], total: int, chunk: int) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([log_w(c) for c in _chunks(total, chunk)]).mean(0)
@@ -965,8 +968,9 @@ def gap_decomposition(
     can make one slightly negative.
 
     Cost: ``steps`` (twice, three times for a flow posterior) times ``particles`` decoder
-    passes per example, plus ``2 num_samples + 3 elbo_samples``. The VAE's parameters are
-    not changed; torch's global random stream is forked and seeded by ``seed``.
+    passes per example, plus ``2 num_samples`` and ``3 elbo_samples`` (4 for a flow
+    posterior: its own family's ELBO too). The VAE's parameters are not changed; torch's
+    global random stream is forked and seeded by ``seed``.
 
     Example::
 
@@ -1004,11 +1008,10 @@ def gap_decomposition(
             torch.manual_seed(seed)
             elbo_amortised = _mean_log_w(lambda k: vae.log_weights(x, k), elbo_samples, chunk)
             loc0, scale0, h0 = vae.encoder(x)
-            mu = loc0.detach().clone().requires_grad_()
-            rho = (scale0.detach() - 1e-5).clamp(min=1e-6).expm1().log().requires_grad_()  # softplus^-1
+            mu, rho = _free_gaussian(loc0, scale0)
 
             def gaussian(k: int) -> tuple[torch.Tensor, torch.Tensor]:
-                base = dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+                base = _gaussian(mu, rho)
                 z0 = base.rsample((k,))
                 return z0, base.log_prob(z0)
 
@@ -1021,13 +1024,12 @@ def gap_decomposition(
             if vae.flow is None:
                 elbo_family = elbo_gaussian
             else:
-                mu_f = loc0.detach().clone().requires_grad_()
-                rho_f = (scale0.detach() - 1e-5).clamp(min=1e-6).expm1().log().requires_grad_()
+                mu_f, rho_f = _free_gaussian(loc0, scale0)
                 h = h0.detach().clone().requires_grad_()
                 flow = vae.flow
 
                 def family_log_w(k: int) -> torch.Tensor:
-                    base = dist.Normal(mu_f, F.softplus(rho_f) + 1e-5).to_event(1)
+                    base = _gaussian(mu_f, rho_f)
                     t = flow.condition(h)
                     z0 = base.rsample((k,))
                     z = t(z0)
@@ -1051,7 +1053,7 @@ def gap_decomposition(
             # whichever of the two scored higher
             elbo_flexible = torch.maximum(_mean_log_w(flexible_log_w, elbo_samples, chunk), elbo_gaussian)
             def flexible_log_q(z: torch.Tensor) -> torch.Tensor:
-                base = dist.Normal(mu, F.softplus(rho) + 1e-5).to_event(1)
+                base = _gaussian(mu, rho)
                 if local is None:
                     return base.log_prob(z)
                 z0, ladj = local.inverse(z)
