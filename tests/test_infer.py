@@ -567,3 +567,17 @@ def test_fit_guide_without_vectorised_particles():
     with pytest.raises(ValueError, match="vectorize_particles"):
         fit_guide(scalar_only, guide, torch.tensor(1.0), objective="iwae", vectorize_particles=False,
                   progress_bar=False)
+
+
+def test_importance_weighted_bound_with_one_particle_is_the_elbo():
+    # with one particle Pyro adds no particle plate; the bound is then the ELBO
+    from pyro_genext.infer import ImportanceWeightedELBO
+
+    def prior_only():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    exact = AutoNormal(prior_only, init_scale=1.0)  # q = p: log p/q = 0 for every draw
+    assert abs(ImportanceWeightedELBO(1).loss(prior_only, exact)) < 1e-5
+    result = fit_guide(_iid, AutoRealNVP(_iid, init_scale=0.3), _IID_Y, num_steps=30, objective="iwae",
+                       num_particles=1, progress_bar=False)
+    assert result.num_steps == 30 and all(math.isfinite(v) for v in result.losses)

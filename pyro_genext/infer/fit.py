@@ -68,7 +68,8 @@ class ImportanceWeightedELBO(Trace_ELBO):
         (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
         guide_trace.pack_tensors()
         model_trace.pack_tensors(guide_trace.plate_to_symbol)
-        symbol = guide_trace.plate_to_symbol["num_particles_vectorized"]
+        # with one particle Pyro adds no particle plate: "" sums everything to a scalar
+        symbol = guide_trace.plate_to_symbol.get("num_particles_vectorized", "")
         return plate_log_prob_sum(model_trace, symbol) - plate_log_prob_sum(guide_trace, symbol)
 
     def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
