@@ -581,3 +581,15 @@ def test_importance_weighted_bound_with_one_particle_is_the_elbo():
     result = fit_guide(_iid, AutoRealNVP(_iid, init_scale=0.3), _IID_Y, num_steps=30, objective="iwae",
                        num_particles=1, progress_bar=False)
     assert result.num_steps == 30 and all(math.isfinite(v) for v in result.losses)
+
+
+def test_fit_guide_stops_on_a_non_finite_loss_before_updating_the_parameters():
+    def broken(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.factor("inf", -float("inf") * mu**2)  # a non-finite loss at every step
+
+    guide = AutoNormal(broken, init_loc_fn=init_to_value(values={"mu": torch.tensor(0.5)}))
+    with pytest.raises(RuntimeError, match=r"loss is (nan|inf) at step 0"):
+        fit_guide(broken, guide, _IID_Y, progress_bar=False)
+    # the guide is left as the last finite step left it, to be inspected or fitted again
+    assert float(guide.locs.mu) == 0.5 and math.isfinite(float(guide.scales.mu))

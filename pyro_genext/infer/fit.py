@@ -234,16 +234,16 @@ def fit_guide(
     t0 = time.perf_counter()
     for step in range(num_steps):
         loss = first if step == 0 else loss_fn(*args, **kwargs)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the update it would make: the guide stays usable
+            raise RuntimeError(f"fit_guide: the loss is {value} at step {step}; lower lr or "
+                               "keep clip_norm")
         optim.zero_grad(set_to_none=True)
         loss.backward()
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
         optim.step()
         sched.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"fit_guide: the loss is {value} at step {step}; lower lr or "
-                               "keep clip_norm")
         losses.append(value)
         if (step + 1) % win:
             continue
