@@ -515,9 +515,21 @@ def test_fit_guide_bad_arguments():
     guide = AutoNormal(_iid)
     for kwargs, name in [({"num_steps": 0}, "num_steps"), ({"lr": -1.0}, "lr"),
                          ({"final_lr": 0.0}, "final_lr"), ({"objective": "kl"}, "objective"),
-                         ({"num_particles": 0}, "num_particles"), ({"clip_norm": 0.0}, "clip_norm")]:
+                         ({"num_particles": 0}, "num_particles"), ({"clip_norm": 0.0}, "clip_norm"),
+                         # not a number, or not a finite one: a ValueError, not a TypeError
+                         # from a comparison nor a NaN after the first step
+                         ({"num_steps": True}, "num_steps"), ({"lr": math.inf}, "lr"),
+                         ({"clip_norm": "10"}, "clip_norm"), ({"plateau_factor": None}, "plateau_factor"),
+                         ({"plateau_factor": 1.0}, "plateau_factor"), ({"patience": 0}, "patience"),
+                         ({"window": 1}, "window"), ({"window": 50.0}, "window"),
+                         ({"min_improvement": "0"}, "min_improvement"),
+                         ({"min_improvement": -1.0}, "min_improvement")]:
         with pytest.raises(ValueError, match=name):
             fit_guide(_iid, guide, _IID_Y, progress_bar=False, **kwargs)
+    for model, g, name in [(_iid, None, "guide"), (None, guide, "model")]:
+        with pytest.raises(ValueError, match=name):
+            fit_guide(model, g, _IID_Y, progress_bar=False)
+    assert guide.prototype_trace is None  # each refused before the guide ran
 
 
 # ------------------------------------------------------------------ held-out targets

@@ -111,6 +111,14 @@ def _check(name: str, value: Any, ok: bool, expected: str) -> None:
         raise ValueError(f"fit_guide: expected {name} {expected}, got {value!r}")
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def fit_guide(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -195,17 +203,23 @@ def fit_guide(
     of issue 15; Agrawal, Sheldon, Domke (2020), arXiv:2006.10343, for importance-weighted
     training. The loop follows NumPyro's ``SVI.run``.
     """
-    _check("num_steps", num_steps, isinstance(num_steps, int) and num_steps >= 1, "an integer >= 1")
-    _check("lr", lr, isinstance(lr, (int, float)) and lr > 0, "> 0")
-    _check("final_lr", final_lr, isinstance(final_lr, (int, float)) and 0 < final_lr <= 1, "in (0, 1]")
-    _check("num_particles", num_particles, isinstance(num_particles, int) and num_particles >= 1,
+    _check("model", model, callable(model), "a callable")
+    _check("guide", guide, callable(guide), "a callable")
+    _check("num_steps", num_steps, _whole(num_steps) and num_steps >= 1, "an integer >= 1")
+    _check("lr", lr, _finite(lr) and lr > 0, "a finite number > 0")
+    _check("final_lr", final_lr, _finite(final_lr) and 0 < final_lr <= 1, "in (0, 1]")
+    _check("num_particles", num_particles, _whole(num_particles) and num_particles >= 1,
            "an integer >= 1")
     _check("objective", objective, objective in ("elbo", "iwae"), "'elbo' or 'iwae'")
-    _check("clip_norm", clip_norm, clip_norm is None or clip_norm > 0, "> 0 or None")
-    _check("plateau_factor", plateau_factor, 0 < plateau_factor < 1, "in (0, 1)")
-    _check("patience", patience, isinstance(patience, int) and patience >= 1, "an integer >= 1")
+    _check("clip_norm", clip_norm, clip_norm is None or (_finite(clip_norm) and clip_norm > 0),
+           "a finite number > 0 or None")
+    _check("plateau_factor", plateau_factor, _finite(plateau_factor) and 0 < plateau_factor < 1,
+           "in (0, 1)")
+    _check("patience", patience, _whole(patience) and patience >= 1, "an integer >= 1")
+    _check("min_improvement", min_improvement, _finite(min_improvement) and min_improvement >= 0,
+           "a finite number >= 0")
     win = max(25, num_steps // 50) if window is None else window
-    _check("window", window, isinstance(win, int) and win >= 2, "an integer >= 2")
+    _check("window", window, _whole(win) and win >= 2, "an integer >= 2 or None")
 
     if objective == "iwae" and not vectorize_particles:
         raise ValueError("fit_guide: objective='iwae' needs vectorize_particles=True")
