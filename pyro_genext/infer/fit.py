@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyro
 import pyro.poutine as poutine
+import pyro.util
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import plate_log_prob_sum
@@ -119,6 +121,29 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _check_vectorised(elbo: Trace_ELBO, model: Any, guide: Any, args: Any, kwargs: Any) -> None:
+    """Refuse a model that puts the particles outside the ELBO's plates: Pyro's vectorised
+    ELBOs check only the rightmost ``max_plate_nesting`` dims of a site and sum the rest,
+    so such a model counts its likelihood once per particle, silently. Run on saved and
+    restored random number generators: the fit draws what it would draw without it."""
+    state = pyro.util.get_rng_state()
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            traces = next(iter(elbo._get_traces(model, guide, args, kwargs)))
+    finally:
+        pyro.util.set_rng_state(state)
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and len(site["fn"].batch_shape) > elbo.max_plate_nesting:
+                raise ValueError(
+                    f"fit_guide: site {name!r} has batch shape {tuple(site['fn'].batch_shape)} "
+                    f"under the plate of {elbo.num_particles} particles, more dims than the "
+                    f"{elbo.max_plate_nesting} of the plates: the model is not vectorised (index "
+                    "latent values with `...`; no unsqueeze of a value that a plate batches), "
+                    "or pass vectorize_particles=False"
+                )
+
+
 def fit_guide(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -142,7 +167,9 @@ def fit_guide(
     inference; returns a :class:`FitResult`. Works with any Pyro guide (``AutoNormal``,
     ``AutoMultivariateNormal``, ``AutoIAFNormal``, :class:`~pyro_genext.infer.AutoRealNVP`,
     a hand-written one). The particles are vectorised: the model and guide must run under
-    an extra outer plate, as for ``Trace_ELBO(vectorize_particles=True)``; pass
+    an extra outer plate, as for ``Trace_ELBO(vectorize_particles=True)``; one whose
+    sites gain a dim outside the plates is refused before the first step (Pyro's ELBO
+    would count its likelihood once per particle, silently); pass
     ``vectorize_particles=False`` for a model that cannot (one run per particle, slower).
 
     Each step: ``num_particles`` vectorised particles of the objective (``"elbo"``:
@@ -233,6 +260,8 @@ def fit_guide(
     params = list({id(p): p for p in found}.values())
     if not params:
         raise ValueError("fit_guide: the model and guide have no parameters to fit")
+    if vectorize_particles and num_particles > 1:
+        _check_vectorised(elbo, model, guide, args, kwargs)
     optim = torch.optim.Adam(params, lr=lr, foreach=True)
     sched = torch.optim.lr_scheduler.ExponentialLR(optim, gamma=final_lr ** (1 / num_steps))
 
