@@ -115,6 +115,20 @@ def _prototype(model: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
         return poutine.trace(model).get_trace(*args, **kwargs)
 
 
+def _runs_one_draw(model: Callable[..., Any], guide: Callable[..., Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> bool:
+    """Whether the guide draws once and the model scores that draw (no outer plate)."""
+    try:
+        with torch.no_grad(), poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            replayed = poutine.replay(model, trace=guide_trace)
+            poutine.trace(replayed).get_trace(*args, **kwargs).log_prob_sum()
+            guide_trace.log_prob_sum()
+    except Exception:
+        return False
+    return True
+
+
 def _max_plate_nesting(trace: Any) -> int:
     dims = [
         -f.dim
@@ -168,10 +182,13 @@ def importance_samples(
                 model, guide, *args, num_samples=n, max_plate_nesting=mpn, **kwargs
             )
         except (ValueError, RuntimeError, IndexError) as e:
+            if not _runs_one_draw(model, guide, args, kwargs):
+                raise  # the model's own error (bad data, a bug), whole
             raise ValueError(
-                f"running the model and guide on {n} draws at once (under an outer plate at "
-                f"dim {-mpn - 1}) failed; the diagnostics need a vectorisable model, as "
-                "Pyro's vectorised ELBOs do: latent values must broadcast with the plates "
+                f"the model and guide run on one draw, but running them on {n} draws at once "
+                f"(under an outer plate at dim {-mpn - 1}) failed; the diagnostics need a "
+                "vectorisable model, as Pyro's vectorised ELBOs do: latent values must "
+                "broadcast with the plates "
                 "(index with `...`, no unsqueeze of a latent value that a plate batches). "
                 f"The error: {str(e).splitlines()[0]}"
             ) from e

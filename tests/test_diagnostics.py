@@ -160,3 +160,13 @@ def test_non_vectorised_model_gets_a_message_stating_the_requirement():
     guide = AutoNormal(not_vectorised)
     with pytest.raises(ValueError, match="vectoris"):
         diagnose(not_vectorised, guide, Y, num_samples=100, verbose=False)
+
+
+def test_an_error_of_the_model_itself_is_not_blamed_on_vectorisation():
+    # NaN data fail on one draw as on many: the model's own error, whole, and not the
+    # message for non-vectorised models (which cut it to "Error while computing log_prob")
+    bad = Y.clone()
+    bad[1] = math.nan
+    with pytest.raises(ValueError, match="nan") as info:
+        diagnose(conjugate, gaussian_guide(), bad, num_samples=100, verbose=False)
+    assert "vectoris" not in str(info.value)

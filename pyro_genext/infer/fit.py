@@ -25,7 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyro
 import pyro.poutine as poutine
+import pyro.util
 import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import plate_log_prob_sum
@@ -68,7 +70,8 @@ class ImportanceWeightedELBO(Trace_ELBO):
         (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
         guide_trace.pack_tensors()
         model_trace.pack_tensors(guide_trace.plate_to_symbol)
-        symbol = guide_trace.plate_to_symbol["num_particles_vectorized"]
+        # with one particle Pyro adds no particle plate: "" sums everything to a scalar
+        symbol = guide_trace.plate_to_symbol.get("num_particles_vectorized", "")
         return plate_log_prob_sum(model_trace, symbol) - plate_log_prob_sum(guide_trace, symbol)
 
     def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -110,6 +113,37 @@ def _check(name: str, value: Any, ok: bool, expected: str) -> None:
         raise ValueError(f"fit_guide: expected {name} {expected}, got {value!r}")
 
 
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_vectorised(elbo: Trace_ELBO, model: Any, guide: Any, args: Any, kwargs: Any) -> None:
+    """Refuse a model that puts the particles outside the ELBO's plates: Pyro's vectorised
+    ELBOs check only the rightmost ``max_plate_nesting`` dims of a site and sum the rest,
+    so such a model counts its likelihood once per particle, silently. Run on saved and
+    restored random number generators: the fit draws what it would draw without it."""
+    state = pyro.util.get_rng_state()
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            traces = next(iter(elbo._get_traces(model, guide, args, kwargs)))
+    finally:
+        pyro.util.set_rng_state(state)
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and len(site["fn"].batch_shape) > elbo.max_plate_nesting:
+                raise ValueError(
+                    f"fit_guide: site {name!r} has batch shape {tuple(site['fn'].batch_shape)} "
+                    f"under the plate of {elbo.num_particles} particles, more dims than the "
+                    f"{elbo.max_plate_nesting} of the plates: the model is not vectorised (index "
+                    "latent values with `...`; no unsqueeze of a value that a plate batches), "
+                    "or pass vectorize_particles=False"
+                )
+
+
 def fit_guide(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -133,7 +167,9 @@ def fit_guide(
     inference; returns a :class:`FitResult`. Works with any Pyro guide (``AutoNormal``,
     ``AutoMultivariateNormal``, ``AutoIAFNormal``, :class:`~pyro_genext.infer.AutoRealNVP`,
     a hand-written one). The particles are vectorised: the model and guide must run under
-    an extra outer plate, as for ``Trace_ELBO(vectorize_particles=True)``; pass
+    an extra outer plate, as for ``Trace_ELBO(vectorize_particles=True)``; one whose
+    sites gain a dim outside the plates is refused before the first step (Pyro's ELBO
+    would count its likelihood once per particle, silently); pass
     ``vectorize_particles=False`` for a model that cannot (one run per particle, slower).
 
     Each step: ``num_particles`` vectorised particles of the objective (``"elbo"``:
@@ -194,17 +230,23 @@ def fit_guide(
     of issue 15; Agrawal, Sheldon, Domke (2020), arXiv:2006.10343, for importance-weighted
     training. The loop follows NumPyro's ``SVI.run``.
     """
-    _check("num_steps", num_steps, isinstance(num_steps, int) and num_steps >= 1, "an integer >= 1")
-    _check("lr", lr, isinstance(lr, (int, float)) and lr > 0, "> 0")
-    _check("final_lr", final_lr, isinstance(final_lr, (int, float)) and 0 < final_lr <= 1, "in (0, 1]")
-    _check("num_particles", num_particles, isinstance(num_particles, int) and num_particles >= 1,
+    _check("model", model, callable(model), "a callable")
+    _check("guide", guide, callable(guide), "a callable")
+    _check("num_steps", num_steps, _whole(num_steps) and num_steps >= 1, "an integer >= 1")
+    _check("lr", lr, _finite(lr) and lr > 0, "a finite number > 0")
+    _check("final_lr", final_lr, _finite(final_lr) and 0 < final_lr <= 1, "in (0, 1]")
+    _check("num_particles", num_particles, _whole(num_particles) and num_particles >= 1,
            "an integer >= 1")
     _check("objective", objective, objective in ("elbo", "iwae"), "'elbo' or 'iwae'")
-    _check("clip_norm", clip_norm, clip_norm is None or clip_norm > 0, "> 0 or None")
-    _check("plateau_factor", plateau_factor, 0 < plateau_factor < 1, "in (0, 1)")
-    _check("patience", patience, isinstance(patience, int) and patience >= 1, "an integer >= 1")
+    _check("clip_norm", clip_norm, clip_norm is None or (_finite(clip_norm) and clip_norm > 0),
+           "a finite number > 0 or None")
+    _check("plateau_factor", plateau_factor, _finite(plateau_factor) and 0 < plateau_factor < 1,
+           "in (0, 1)")
+    _check("patience", patience, _whole(patience) and patience >= 1, "an integer >= 1")
+    _check("min_improvement", min_improvement, _finite(min_improvement) and min_improvement >= 0,
+           "a finite number >= 0")
     win = max(25, num_steps // 50) if window is None else window
-    _check("window", window, isinstance(win, int) and win >= 2, "an integer >= 2")
+    _check("window", window, _whole(win) and win >= 2, "an integer >= 2 or None")
 
     if objective == "iwae" and not vectorize_particles:
         raise ValueError("fit_guide: objective='iwae' needs vectorize_particles=True")
@@ -218,6 +260,8 @@ def fit_guide(
     params = list({id(p): p for p in found}.values())
     if not params:
         raise ValueError("fit_guide: the model and guide have no parameters to fit")
+    if vectorize_particles and num_particles > 1:
+        _check_vectorised(elbo, model, guide, args, kwargs)
     optim = torch.optim.Adam(params, lr=lr, foreach=True)
     sched = torch.optim.lr_scheduler.ExponentialLR(optim, gamma=final_lr ** (1 / num_steps))
 
@@ -233,16 +277,16 @@ def fit_guide(
     t0 = time.perf_counter()
     for step in range(num_steps):
         loss = first if step == 0 else loss_fn(*args, **kwargs)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # before the update it would make: the guide stays usable
+            raise RuntimeError(f"fit_guide: the loss is {value} at step {step}; lower lr or "
+                               "keep clip_norm")
         optim.zero_grad(set_to_none=True)
         loss.backward()
         if clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
         optim.step()
         sched.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"fit_guide: the loss is {value} at step {step}; lower lr or "
-                               "keep clip_norm")
         losses.append(value)
         if (step + 1) % win:
             continue
