@@ -118,6 +118,26 @@ def test_no_grad_entry_is_not_served_when_gradients_are_wanted():
     assert ladj.requires_grad
 
 
+@pytest.mark.parametrize("cls", ["FlowDistribution", "TransformedDistribution"])
+def test_an_entry_made_with_frozen_parameters_is_not_served_after_unfreezing(cls):
+    """A pair computed while the parameters were frozen (``requires_grad_(False)``, as in
+    a warm-up) holds a log-det with no graph to them; once they are unfrozen, scoring the
+    sample must reach them, with the gradient that scoring its clone gives."""
+    from pyro_genext.distributions import FlowDistribution
+
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    params = list(flow.parameters())
+    base = dist.Normal(torch.zeros(4), 1.0).to_event(1)
+    d = (FlowDistribution if cls == "FlowDistribution" else dist.TransformedDistribution)(base, [flow])
+    flow.requires_grad_(False)
+    y = d.rsample((3,))
+    flow.requires_grad_(True)
+    grads = torch.autograd.grad(d.log_prob(y).sum(), params, allow_unused=True)
+    refs = torch.autograd.grad(d.log_prob(y.detach().clone()).sum(), params)
+    assert all(g is not None and torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, refs))
+
+
 # ---------------------------------------------------------------- 3. one pass per guide step
 @pytest.mark.parametrize(
     "make",

@@ -30,7 +30,8 @@ could be wrong:
   ``register_optimizer_step_post_hook`` counts steps, which also covers optimisers that
   write through ``p.data`` (Pyro's ``ClippedAdam``), invisible to version counters;
 * a module of the transform was switched between training and evaluation mode;
-* the pair was computed without gradients and gradients are now wanted;
+* the pair was computed without gradients and gradients are now wanted, or a parameter,
+  buffer or context tensor was frozen or unfrozen (``requires_grad_``) since;
 * the returned tensor was garbage-collected: the entry goes with it, so nothing the
   user dropped (an input, a log-determinant's autograd graph) is kept alive. That
   clean-up runs no Python code (see :class:`_Ref`), so a Ctrl-C cannot be lost in it;
@@ -161,9 +162,9 @@ def _signature(mods: tuple[nn.Module, ...], dicts: tuple[dict, ...],
                extra: Iterable[torch.Tensor], keep: list[Any] | None = None) -> tuple[Any, ...]:
     """Everything a remembered pair depends on besides its own tensors, as one flat tuple
     of ints and bools: the optimiser epoch, each module's training flag, and the identity,
-    version and storage address of every parameter, buffer and extra tensor. With
-    ``keep``, the tensors and their storages are appended to it, so that holding ``keep``
-    stops any id or address in the signature from being reused."""
+    version, storage address and ``requires_grad`` flag of every parameter, buffer and
+    extra tensor. With ``keep``, the tensors and their storages are appended to it, so
+    that holding ``keep`` stops any id or address in the signature from being reused."""
     tensors = [t for d in dicts for t in d.values() if t is not None]
     tensors += extra
     if keep is not None:
@@ -171,10 +172,11 @@ def _signature(mods: tuple[nn.Module, ...], dicts: tuple[dict, ...],
         keep += [t.untyped_storage() for t in tensors]
     # map with C getters: about half the time of a Python loop over the tensors
     return (_Clock.epoch, *map(_training, mods), *map(id, tensors), *map(_version, tensors),
-            *map(_data_ptr, tensors))
+            *map(_data_ptr, tensors), *map(_requires_grad, tensors))
 
 
-_training, _version = attrgetter("training"), attrgetter("_version")
+_training, _version, _requires_grad = (attrgetter("training"), attrgetter("_version"),
+                                       attrgetter("requires_grad"))
 _data_ptr = torch.Tensor.data_ptr
 
 
