@@ -84,6 +84,55 @@ def test_an_output_changed_in_place_is_not_served():
     assert torch.allclose(back, flow.with_cache(0).inv(y.clone()))
 
 
+def test_an_input_changed_in_place_is_not_served():
+    """After ``y = flow(x)`` and an in-place edit of ``x``, ``flow.inv(y)`` is the inverse
+    of ``y``, not the edited ``x``, and the log-det is taken at the edited ``x``."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    x = torch.randn(3, 4)
+    y = flow(x)
+    ref = flow.with_cache(0).inv(y.detach().clone())
+    x.add_(1.0)
+    assert torch.allclose(flow.inv(y), ref, atol=1e-6)
+    assert torch.allclose(flow.log_abs_det_jacobian(x, y),
+                          flow.with_cache(0).log_abs_det_jacobian(x.clone(), y))
+
+
+def test_the_log_det_is_served_only_for_the_very_input():
+    """``log_abs_det_jacobian(x2, y)`` with ``x2`` not the tensor ``y`` came from (a
+    clone, another point) is computed at ``x2``, with its graph."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
+    x, y = _sampled(flow)
+    x2 = x.detach().clone().requires_grad_()
+    assert torch.autograd.grad(flow.log_abs_det_jacobian(x2, y).sum(), x2)[0].abs().sum() > 0
+    x3 = x.detach() + 1.0
+    assert torch.allclose(flow.log_abs_det_jacobian(x3, y),
+                          flow.with_cache(0).log_abs_det_jacobian(x3, y))
+
+
+def test_a_parameter_swapped_for_a_view_of_its_own_storage_is_not_served():
+    """``functional_call`` with a square weight swapped for its transpose: same storage
+    address, same version counter, other values; only the tensor's identity tells."""
+
+    class Inverse(torch.nn.Module):
+        def __init__(self, flow):
+            super().__init__()
+            self.flow = flow
+
+        def forward(self, y):
+            return self.flow.inv(y)
+
+    flow = pg.realnvp(4, num_layers=2, hidden_dims=(8, 8))
+    perturb_parameters(flow, 0.2)
+    name, w = next((n, p) for n, p in flow.named_parameters() if p.dim() == 2 and p.shape[0] == p.shape[1])
+    x, y = _sampled(flow)
+    swap = {"flow." + name: w.T}
+    back = torch.func.functional_call(Inverse(flow), swap, (y,))
+    ref = torch.func.functional_call(Inverse(flow.with_cache(0)), swap, (y.detach().clone(),))
+    assert back is not x and torch.allclose(back, ref, atol=1e-6)
+
+
 def test_observed_data_is_always_computed_afresh():
     flow = pg.realnvp(4, num_layers=2, **SMALL)
     perturb_parameters(flow, 0.1)
@@ -180,6 +229,24 @@ def test_flow_distribution_scores_in_one_fused_pass_and_serves_its_own_samples()
     (-lp_s.sum()).backward()
     torch.optim.SGD(flow.parameters(), lr=0.1).step()
     assert torch.allclose(d.log_prob(s), d.log_prob(s.detach().clone()))
+
+
+def test_flow_distribution_scores_other_transforms_as_pyro_does():
+    """Transforms that are not ours (an element-wise one, whose log-det must be summed over
+    the event, and one that changes the event dim) are scored as Pyro's
+    TransformedDistribution scores them, and the event dims add up around them."""
+    from torch.distributions.transforms import ExpTransform, ReshapeTransform
+
+    from pyro_genext.distributions import FlowDistribution
+
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
+    base = dist.Normal(torch.zeros(4), 1.0).to_event(1)
+    others = [ExpTransform(), ReshapeTransform((4,), (2, 2))]
+    v = torch.rand(5, 2, 2) + 0.1
+    lp = FlowDistribution(base, [flow, *others]).log_prob(v)
+    assert lp.shape == (5,)
+    assert torch.allclose(lp, dist.TransformedDistribution(base, [flow.with_cache(0), *others]).log_prob(v))
 
 
 def test_conditioned_flow_samples_then_scores_with_one_network_pass():
