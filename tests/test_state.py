@@ -352,17 +352,46 @@ def test_vector_to_parameters_invalidates():
     assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
 
 
-def test_a_write_through_data_outside_an_optimiser_needs_invalidate_caches():
-    """The one change nothing can see (docs/state.rst says so), and its remedy."""
+@pytest.mark.parametrize("change", ["parameter.data", "output.data", "attribute", "insert"])
+def test_the_changes_nothing_can_see_need_invalidate_caches(change):
+    """The changes nothing can see (docs/state.rst lists them), and their remedy."""
     from pyro_genext.transforms import invalidate_caches
 
     flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
     x, y = _sampled(flow)
-    for p in flow.parameters():
-        p.data.add_(0.1)
+    if change == "parameter.data":
+        for p in flow.parameters():
+            p.data.add_(0.1)
+    elif change == "output.data":
+        y.data.add_(0.5)
+    elif change == "attribute":
+        flow[0].scale_bound = 0.1
+    else:
+        flow[0].conditioner.net.insert(1, torch.nn.Tanh())
+    ref = _uncached_inv(flow, y)
+    assert not torch.allclose(x, ref)
     assert flow.inv(y) is x  # undetectable: served
     invalidate_caches()
-    assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
+    assert torch.allclose(flow.inv(y), ref)
+
+
+def test_clear_cache_clears_the_cache_of_that_transform_only():
+    """docs/state.rst: a ``with_cache`` view has a cache of its own, which the original's
+    ``clear_cache()`` leaves alone; ``invalidate_caches()`` reaches every cache."""
+    from pyro_genext.transforms import DiagonalScaling, invalidate_caches
+
+    t = DiagonalScaling(4)
+    view = t.with_cache(1)
+    x = torch.randn(3, 4)
+    y = view(x)
+    t.clear_cache()
+    assert view.inv(y) is x
+    view.clear_cache()
+    assert view.inv(y) is not x
+    y = view(x)
+    invalidate_caches()
+    assert view.inv(y) is not x
 
 
 def test_a_replaced_submodule_invalidates():

@@ -37,9 +37,12 @@ could be wrong:
   clean-up runs no Python code (see :class:`_Ref`), so a Ctrl-C cannot be lost in it;
 * inference tensors (``torch.inference_mode``) are never cached.
 
-What no check can see: a write through ``p.data`` *outside* an
-optimiser's ``step``, e.g. ``p.data.copy_(other)``, which moves neither the version
-counter nor the storage. Call :func:`invalidate_caches` after such a write.
+What no check can see: a write through ``p.data`` *outside* an optimiser's ``step``,
+e.g. ``p.data.copy_(other)``, which moves neither the version counter nor the storage;
+a write through ``.data`` of the returned tensor or its input; a change to a plain
+attribute the maths reads (``scale_bound``); a submodule without tensors inserted by
+``Sequential.insert`` / ``ModuleList.insert`` (no registration hook fires). Call
+:func:`invalidate_caches` after such a change.
 
 Inside code being compiled (``torch.compile``) nothing is remembered and nothing is
 served: state kept on a module there would outlive the traced call (the compiler
@@ -127,9 +130,10 @@ register_module_buffer_registration_hook(_relayout)
 
 
 def invalidate_caches() -> None:
-    """Make every bijector's remembered pair stale, for parameter changes that nothing
-    else can see: a write through ``p.data`` outside a torch optimiser's ``step``, e.g.
-    ``p.data.copy_(other)`` or a hand-written ``p.data -= lr * p.grad``.
+    """Make every bijector's remembered pair stale, for changes that nothing else can
+    see: a write through ``p.data`` outside a torch optimiser's ``step``, e.g.
+    ``p.data.copy_(other)`` or a hand-written ``p.data -= lr * p.grad``, and the others
+    the module docstring lists.
 
     Example::
 
