@@ -42,7 +42,8 @@ e.g. ``p.data.copy_(other)``, which moves neither the version counter nor the st
 a write through ``.data`` of the returned tensor or its input; a change to a plain
 attribute the maths reads (``scale_bound``); a submodule without tensors inserted by
 ``Sequential.insert`` / ``ModuleList.insert`` (no registration hook fires). Call
-:func:`invalidate_caches` after such a change.
+:func:`invalidate_caches` after such a change. Nor a write by another process to
+parameters in shared memory (Hogwild): counters are per process; use ``with_cache(0)``.
 
 Inside code being compiled (``torch.compile``) nothing is remembered and nothing is
 served: state kept on a module there would outlive the traced call (the compiler
