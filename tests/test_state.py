@@ -98,6 +98,20 @@ def test_an_input_changed_in_place_is_not_served():
                           flow.with_cache(0).log_abs_det_jacobian(x.clone(), y))
 
 
+def test_an_input_that_starts_requiring_grad_is_not_served_its_log_det():
+    """``x.requires_grad_()`` after ``y = flow(x)``: the remembered log-det has no graph to
+    ``x``; ``log_abs_det_jacobian(x, y)`` must have one, as when computed afresh."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
+    x = torch.randn(3, 4)
+    y = flow(x)
+    x.requires_grad_()
+    g = torch.autograd.grad(flow.log_abs_det_jacobian(x, y).sum(), x, allow_unused=True)[0]
+    x2 = x.detach().clone().requires_grad_()
+    ref = torch.autograd.grad(flow.with_cache(0).log_abs_det_jacobian(x2, y).sum(), x2)[0]
+    assert g is not None and torch.allclose(g, ref)
+
+
 def test_the_log_det_is_served_only_for_the_very_input():
     """``log_abs_det_jacobian(x2, y)`` with ``x2`` not the tensor ``y`` came from (a
     clone, another point) is computed at ``x2``, with its graph."""

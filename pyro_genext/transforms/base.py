@@ -30,8 +30,8 @@ could be wrong:
   ``register_optimizer_step_post_hook`` counts steps, which also covers optimisers that
   write through ``p.data`` (Pyro's ``ClippedAdam``), invisible to version counters;
 * a module of the transform was switched between training and evaluation mode;
-* the pair was computed without gradients and gradients are now wanted, or a parameter,
-  buffer or context tensor was frozen or unfrozen (``requires_grad_``) since;
+* the pair was computed without gradients and gradients are now wanted, or its input or
+  a parameter, buffer or context tensor was frozen or unfrozen (``requires_grad_``) since;
 * the returned tensor was garbage-collected: the entry goes with it, so nothing the
   user dropped (an input, a log-determinant's autograd graph) is kept alive. That
   clean-up runs no Python code (see :class:`_Ref`), so a Ctrl-C cannot be lost in it;
@@ -187,12 +187,14 @@ _data_ptr = torch.Tensor.data_ptr
 
 class _Entry:
     """What one call produced from ``inp``: the log-det, and what it was computed under
-    (the input's version, the gradient mode, the :func:`_signature` of the state)."""
+    (the input's version and ``requires_grad``, the gradient mode, the :func:`_signature`
+    of the state)."""
 
-    __slots__ = ("inp", "inp_version", "out_version", "ladj", "forward", "grad", "sig",
-                 "keep")
+    __slots__ = ("inp", "inp_version", "inp_grad", "out_version", "ladj", "forward", "grad",
+                 "sig", "keep")
     inp: torch.Tensor
     inp_version: int
+    inp_grad: bool
     out_version: int
     ladj: torch.Tensor
     forward: bool
@@ -298,6 +300,7 @@ class FlowTransform(Transform):
         except RuntimeError:  # inference tensors (no version counter) or functorch wrappers
             return
         e.inp, e.ladj, e.forward, e.grad = inp, ladj, forward, torch.is_grad_enabled()
+        e.inp_grad = inp.requires_grad
         ref = _Ref(out, held.discard)  # the callback is C code: see _Ref
         ref.entry = e
         held.add(ref)
@@ -315,7 +318,8 @@ class FlowTransform(Transform):
             if e.forward != forward_entry or (not e.grad and torch.is_grad_enabled()):
                 return None
             try:
-                if value._version != e.out_version or e.inp._version != e.inp_version:
+                if (value._version != e.out_version or e.inp._version != e.inp_version
+                        or e.inp.requires_grad != e.inp_grad):
                     return None
                 return e if self._signature() == e.sig else None
             except RuntimeError:  # pragma: no cover - a functorch wrapper in the state
