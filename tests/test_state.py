@@ -84,6 +84,69 @@ def test_an_output_changed_in_place_is_not_served():
     assert torch.allclose(back, flow.with_cache(0).inv(y.clone()))
 
 
+def test_an_input_changed_in_place_is_not_served():
+    """After ``y = flow(x)`` and an in-place edit of ``x``, ``flow.inv(y)`` is the inverse
+    of ``y``, not the edited ``x``, and the log-det is taken at the edited ``x``."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    x = torch.randn(3, 4)
+    y = flow(x)
+    ref = flow.with_cache(0).inv(y.detach().clone())
+    x.add_(1.0)
+    assert torch.allclose(flow.inv(y), ref, atol=1e-6)
+    assert torch.allclose(flow.log_abs_det_jacobian(x, y),
+                          flow.with_cache(0).log_abs_det_jacobian(x.clone(), y))
+
+
+def test_an_input_that_starts_requiring_grad_is_not_served_its_log_det():
+    """``x.requires_grad_()`` after ``y = flow(x)``: the remembered log-det has no graph to
+    ``x``; ``log_abs_det_jacobian(x, y)`` must have one, as when computed afresh."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
+    x = torch.randn(3, 4)
+    y = flow(x)
+    x.requires_grad_()
+    g = torch.autograd.grad(flow.log_abs_det_jacobian(x, y).sum(), x, allow_unused=True)[0]
+    x2 = x.detach().clone().requires_grad_()
+    ref = torch.autograd.grad(flow.with_cache(0).log_abs_det_jacobian(x2, y).sum(), x2)[0]
+    assert g is not None and torch.allclose(g, ref)
+
+
+def test_the_log_det_is_served_only_for_the_very_input():
+    """``log_abs_det_jacobian(x2, y)`` with ``x2`` not the tensor ``y`` came from (a
+    clone, another point) is computed at ``x2``, with its graph."""
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
+    x, y = _sampled(flow)
+    x2 = x.detach().clone().requires_grad_()
+    assert torch.autograd.grad(flow.log_abs_det_jacobian(x2, y).sum(), x2)[0].abs().sum() > 0
+    x3 = x.detach() + 1.0
+    assert torch.allclose(flow.log_abs_det_jacobian(x3, y),
+                          flow.with_cache(0).log_abs_det_jacobian(x3, y))
+
+
+def test_a_parameter_swapped_for_a_view_of_its_own_storage_is_not_served():
+    """``functional_call`` with a square weight swapped for its transpose: same storage
+    address, same version counter, other values; only the tensor's identity tells."""
+
+    class Inverse(torch.nn.Module):
+        def __init__(self, flow):
+            super().__init__()
+            self.flow = flow
+
+        def forward(self, y):
+            return self.flow.inv(y)
+
+    flow = pg.realnvp(4, num_layers=2, hidden_dims=(8, 8))
+    perturb_parameters(flow, 0.2)
+    name, w = next((n, p) for n, p in flow.named_parameters() if p.dim() == 2 and p.shape[0] == p.shape[1])
+    x, y = _sampled(flow)
+    swap = {"flow." + name: w.T}
+    back = torch.func.functional_call(Inverse(flow), swap, (y,))
+    ref = torch.func.functional_call(Inverse(flow.with_cache(0)), swap, (y.detach().clone(),))
+    assert back is not x and torch.allclose(back, ref, atol=1e-6)
+
+
 def test_observed_data_is_always_computed_afresh():
     flow = pg.realnvp(4, num_layers=2, **SMALL)
     perturb_parameters(flow, 0.1)
@@ -116,6 +179,26 @@ def test_no_grad_entry_is_not_served_when_gradients_are_wanted():
     assert z.grad_fn is not None
     ladj = flow.log_abs_det_jacobian(z, y)
     assert ladj.requires_grad
+
+
+@pytest.mark.parametrize("cls", ["FlowDistribution", "TransformedDistribution"])
+def test_an_entry_made_with_frozen_parameters_is_not_served_after_unfreezing(cls):
+    """A pair computed while the parameters were frozen (``requires_grad_(False)``, as in
+    a warm-up) holds a log-det with no graph to them; once they are unfrozen, scoring the
+    sample must reach them, with the gradient that scoring its clone gives."""
+    from pyro_genext.distributions import FlowDistribution
+
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.1)
+    params = list(flow.parameters())
+    base = dist.Normal(torch.zeros(4), 1.0).to_event(1)
+    d = (FlowDistribution if cls == "FlowDistribution" else dist.TransformedDistribution)(base, [flow])
+    flow.requires_grad_(False)
+    y = d.rsample((3,))
+    flow.requires_grad_(True)
+    grads = torch.autograd.grad(d.log_prob(y).sum(), params, allow_unused=True)
+    refs = torch.autograd.grad(d.log_prob(y.detach().clone()).sum(), params)
+    assert all(g is not None and torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, refs))
 
 
 # ---------------------------------------------------------------- 3. one pass per guide step
@@ -160,6 +243,24 @@ def test_flow_distribution_scores_in_one_fused_pass_and_serves_its_own_samples()
     (-lp_s.sum()).backward()
     torch.optim.SGD(flow.parameters(), lr=0.1).step()
     assert torch.allclose(d.log_prob(s), d.log_prob(s.detach().clone()))
+
+
+def test_flow_distribution_scores_other_transforms_as_pyro_does():
+    """Transforms that are not ours (an element-wise one, whose log-det must be summed over
+    the event, and one that changes the event dim) are scored as Pyro's
+    TransformedDistribution scores them, and the event dims add up around them."""
+    from torch.distributions.transforms import ExpTransform, ReshapeTransform
+
+    from pyro_genext.distributions import FlowDistribution
+
+    flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
+    base = dist.Normal(torch.zeros(4), 1.0).to_event(1)
+    others = [ExpTransform(), ReshapeTransform((4,), (2, 2))]
+    v = torch.rand(5, 2, 2) + 0.1
+    lp = FlowDistribution(base, [flow, *others]).log_prob(v)
+    assert lp.shape == (5,)
+    assert torch.allclose(lp, dist.TransformedDistribution(base, [flow.with_cache(0), *others]).log_prob(v))
 
 
 def test_conditioned_flow_samples_then_scores_with_one_network_pass():
@@ -265,17 +366,46 @@ def test_vector_to_parameters_invalidates():
     assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
 
 
-def test_a_write_through_data_outside_an_optimiser_needs_invalidate_caches():
-    """The one change nothing can see (docs/state.rst says so), and its remedy."""
+@pytest.mark.parametrize("change", ["parameter.data", "output.data", "attribute", "insert"])
+def test_the_changes_nothing_can_see_need_invalidate_caches(change):
+    """The changes nothing can see (docs/state.rst lists them), and their remedy."""
     from pyro_genext.transforms import invalidate_caches
 
     flow = pg.realnvp(4, num_layers=2, **SMALL)
+    perturb_parameters(flow, 0.2)
     x, y = _sampled(flow)
-    for p in flow.parameters():
-        p.data.add_(0.1)
+    if change == "parameter.data":
+        for p in flow.parameters():
+            p.data.add_(0.1)
+    elif change == "output.data":
+        y.data.add_(0.5)
+    elif change == "attribute":
+        flow[0].scale_bound = 0.1
+    else:
+        flow[0].conditioner.net.insert(1, torch.nn.Tanh())
+    ref = _uncached_inv(flow, y)
+    assert not torch.allclose(x, ref)
     assert flow.inv(y) is x  # undetectable: served
     invalidate_caches()
-    assert torch.allclose(flow.inv(y), _uncached_inv(flow, y))
+    assert torch.allclose(flow.inv(y), ref)
+
+
+def test_clear_cache_clears_the_cache_of_that_transform_only():
+    """docs/state.rst: a ``with_cache`` view has a cache of its own, which the original's
+    ``clear_cache()`` leaves alone; ``invalidate_caches()`` reaches every cache."""
+    from pyro_genext.transforms import DiagonalScaling, invalidate_caches
+
+    t = DiagonalScaling(4)
+    view = t.with_cache(1)
+    x = torch.randn(3, 4)
+    y = view(x)
+    t.clear_cache()
+    assert view.inv(y) is x
+    view.clear_cache()
+    assert view.inv(y) is not x
+    y = view(x)
+    invalidate_caches()
+    assert view.inv(y) is not x
 
 
 def test_a_replaced_submodule_invalidates():

@@ -30,15 +30,20 @@ could be wrong:
   ``register_optimizer_step_post_hook`` counts steps, which also covers optimisers that
   write through ``p.data`` (Pyro's ``ClippedAdam``), invisible to version counters;
 * a module of the transform was switched between training and evaluation mode;
-* the pair was computed without gradients and gradients are now wanted;
+* the pair was computed without gradients and gradients are now wanted, or its input or
+  a parameter, buffer or context tensor was frozen or unfrozen (``requires_grad_``) since;
 * the returned tensor was garbage-collected: the entry goes with it, so nothing the
   user dropped (an input, a log-determinant's autograd graph) is kept alive. That
   clean-up runs no Python code (see :class:`_Ref`), so a Ctrl-C cannot be lost in it;
 * inference tensors (``torch.inference_mode``) are never cached.
 
-What no check can see: a write through ``p.data`` *outside* an
-optimiser's ``step``, e.g. ``p.data.copy_(other)``, which moves neither the version
-counter nor the storage. Call :func:`invalidate_caches` after such a write.
+What no check can see: a write through ``p.data`` *outside* an optimiser's ``step``,
+e.g. ``p.data.copy_(other)``, which moves neither the version counter nor the storage;
+a write through ``.data`` of the returned tensor or its input; a change to a plain
+attribute the maths reads (``scale_bound``); a submodule without tensors inserted by
+``Sequential.insert`` / ``ModuleList.insert`` (no registration hook fires). Call
+:func:`invalidate_caches` after such a change. Nor a write by another process to
+parameters in shared memory (Hogwild): counters are per process; use ``with_cache(0)``.
 
 Inside code being compiled (``torch.compile``) nothing is remembered and nothing is
 served: state kept on a module there would outlive the traced call (the compiler
@@ -126,9 +131,10 @@ register_module_buffer_registration_hook(_relayout)
 
 
 def invalidate_caches() -> None:
-    """Make every bijector's remembered pair stale, for parameter changes that nothing
-    else can see: a write through ``p.data`` outside a torch optimiser's ``step``, e.g.
-    ``p.data.copy_(other)`` or a hand-written ``p.data -= lr * p.grad``.
+    """Make every bijector's remembered pair stale, for changes that nothing else can
+    see: a write through ``p.data`` outside a torch optimiser's ``step``, e.g.
+    ``p.data.copy_(other)`` or a hand-written ``p.data -= lr * p.grad``, and the others
+    the module docstring lists.
 
     Example::
 
@@ -161,9 +167,9 @@ def _signature(mods: tuple[nn.Module, ...], dicts: tuple[dict, ...],
                extra: Iterable[torch.Tensor], keep: list[Any] | None = None) -> tuple[Any, ...]:
     """Everything a remembered pair depends on besides its own tensors, as one flat tuple
     of ints and bools: the optimiser epoch, each module's training flag, and the identity,
-    version and storage address of every parameter, buffer and extra tensor. With
-    ``keep``, the tensors and their storages are appended to it, so that holding ``keep``
-    stops any id or address in the signature from being reused."""
+    version, storage address and ``requires_grad`` flag of every parameter, buffer and
+    extra tensor. With ``keep``, the tensors and their storages are appended to it, so
+    that holding ``keep`` stops any id or address in the signature from being reused."""
     tensors = [t for d in dicts for t in d.values() if t is not None]
     tensors += extra
     if keep is not None:
@@ -171,21 +177,24 @@ def _signature(mods: tuple[nn.Module, ...], dicts: tuple[dict, ...],
         keep += [t.untyped_storage() for t in tensors]
     # map with C getters: about half the time of a Python loop over the tensors
     return (_Clock.epoch, *map(_training, mods), *map(id, tensors), *map(_version, tensors),
-            *map(_data_ptr, tensors))
+            *map(_data_ptr, tensors), *map(_requires_grad, tensors))
 
 
-_training, _version = attrgetter("training"), attrgetter("_version")
+_training, _version, _requires_grad = (attrgetter("training"), attrgetter("_version"),
+                                       attrgetter("requires_grad"))
 _data_ptr = torch.Tensor.data_ptr
 
 
 class _Entry:
     """What one call produced from ``inp``: the log-det, and what it was computed under
-    (the input's version, the gradient mode, the :func:`_signature` of the state)."""
+    (the input's version and ``requires_grad``, the gradient mode, the :func:`_signature`
+    of the state)."""
 
-    __slots__ = ("inp", "inp_version", "out_version", "ladj", "forward", "grad", "sig",
-                 "keep")
+    __slots__ = ("inp", "inp_version", "inp_grad", "out_version", "ladj", "forward", "grad",
+                 "sig", "keep")
     inp: torch.Tensor
     inp_version: int
+    inp_grad: bool
     out_version: int
     ladj: torch.Tensor
     forward: bool
@@ -291,6 +300,7 @@ class FlowTransform(Transform):
         except RuntimeError:  # inference tensors (no version counter) or functorch wrappers
             return
         e.inp, e.ladj, e.forward, e.grad = inp, ladj, forward, torch.is_grad_enabled()
+        e.inp_grad = inp.requires_grad
         ref = _Ref(out, held.discard)  # the callback is C code: see _Ref
         ref.entry = e
         held.add(ref)
@@ -308,7 +318,8 @@ class FlowTransform(Transform):
             if e.forward != forward_entry or (not e.grad and torch.is_grad_enabled()):
                 return None
             try:
-                if value._version != e.out_version or e.inp._version != e.inp_version:
+                if (value._version != e.out_version or e.inp._version != e.inp_version
+                        or e.inp.requires_grad != e.inp_grad):
                     return None
                 return e if self._signature() == e.sig else None
             except RuntimeError:  # pragma: no cover - a functorch wrapper in the state
