@@ -325,6 +325,22 @@ def test_soft_clamp_asymmetric_is_each_sides_tanh():
     assert torch.allclose(soft_clamp(s, 2.0), soft_clamp(s, (-2.0, 2.0)), atol=1e-12)
 
 
+@pytest.mark.parametrize("bound", [0.5, 2.0, 3.0])
+@pytest.mark.parametrize("negate", [False, True])
+def test_soft_clamp_is_bound_tanh_with_its_gradient(bound, negate):
+    """b tanh(s / b) (negated on request) and its derivative, at the default bound 2,
+    where no scale kernel is spent, and at others."""
+    from pyro_genext.transforms.elementwise import soft_clamp
+
+    s = torch.linspace(-9, 9, 301, dtype=torch.float64, requires_grad=True)
+    out = soft_clamp(s, bound, negate=negate)
+    ref = (-1.0 if negate else 1.0) * bound * torch.tanh(s / bound)
+    assert torch.allclose(out, ref, atol=1e-12)
+    (got,) = torch.autograd.grad(out.sum(), s)
+    (want,) = torch.autograd.grad(ref.sum(), s)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), (1.0, 2.0), (-1.0, 0.0), (-1.0,),
                                  "2", True])
 def test_scale_bound_refused_before_building(bad):
