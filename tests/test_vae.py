@@ -457,15 +457,22 @@ def test_kl_weight_scales_the_closed_form_kl_and_the_monte_carlo_kl():
     assert abs(values[2] - values[0]) > 1e-3  # the prior's term does move with the weight
 
 
-def test_free_bits_change_the_gradient_only_below_the_threshold():
-    """The loss with free bits lambda has the gradient of -E log p(x|z) + sum over the
-    dimensions whose batch-mean KL is >= lambda of their KL, written out by hand here."""
+def _free_bits_case() -> tuple[torch.Tensor, VAE, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """16 binary rows, a perturbed VAE(6, 4), the encoder's loc and scale and the batch-mean
+    KL of each latent dimension (the free-bits tests' common start)."""
     x = torch.rand(16, 6).bernoulli()
     vae = VAE(6, 4, hidden_dims=(10,))
     perturb(vae)
     with torch.no_grad():
         mu, sd, _ = vae.encoder(x)
     kl_bar = (0.5 * (sd**2 + mu**2 - 1) - torch.log(sd)).mean(0)
+    return x, vae, mu, sd, kl_bar
+
+
+def test_free_bits_change_the_gradient_only_below_the_threshold():
+    """The loss with free bits lambda has the gradient of -E log p(x|z) + sum over the
+    dimensions whose batch-mean KL is >= lambda of their KL, written out by hand here."""
+    x, vae, mu, sd, kl_bar = _free_bits_case()
     ranked = kl_bar.sort().values
     assert float(ranked[1] - ranked[0]) > 1e-3 and float(ranked[2] - ranked[1]) > 1e-3
 
@@ -521,12 +528,7 @@ def test_free_bits_term_carries_the_kl_weight_and_the_plate_scale():
     """The training loss is -recon * size/N + beta * size * sum_j max(lambda, KL_j): the
     free-bits floor is weighted by the warm-up's beta like the KL it stands in for, and
     scaled to the data set's size like the minibatch's other terms."""
-    x = torch.rand(16, 6).bernoulli()
-    vae = VAE(6, 4, hidden_dims=(10,))
-    perturb(vae)
-    with torch.no_grad():
-        mu, sd, _ = vae.encoder(x)
-    kl_bar = (0.5 * (sd**2 + mu**2 - 1) - torch.log(sd)).mean(0)
+    x, vae, _, _, kl_bar = _free_bits_case()
     lam = float(kl_bar.median())  # some dimensions below the floor, some above
 
     def loss(free_bits: float, beta: float, size: int | None) -> float:
