@@ -454,6 +454,24 @@ def test_a_run_that_cannot_start_leaves_the_run_folder_alone(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_run_folder_that_holds_a_run_is_refused_before_any_work(tmp_path):
+    """Without --resume or --overwrite, a folder holding a run is refused before the data
+    are loaded or the model is built (here a kind whose build would fail, and data that
+    do not exist, would otherwise be the error)."""
+    out = tmp_path / "r"
+    settings = {"data": "moons", "steps": 0, "batch_size": 500, "init_scale": 1.0}
+    engine.fit(GAUSSIAN, settings, out, progress=False, log=_quiet)
+
+    def refuse(s, data):
+        raise AssertionError("the model was built")
+
+    broken = dataclasses.replace(GAUSSIAN, build=refuse)
+    missing = {**settings, "data": "fashion-mnist", "root": str(tmp_path / "no-such-folder")}
+    with pytest.raises(engine.RunExistsError, match="already holds a training run"):
+        engine.fit(broken, missing, out, progress=False, log=_quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt"]
+
+
 def _trainer(**settings):
     s = {**engine.default_settings(GAUSSIAN), "data": "moons", "batch_size": 100, "lr": 0.01,
          "init_scale": 2.0, **settings}

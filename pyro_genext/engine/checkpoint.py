@@ -35,6 +35,7 @@ __all__ = [
     "data_stub",
     "resume_state",
     "open_run_folder",
+    "refuse_existing_run",
 ]
 
 #: The version of the checkpoint format this library writes and reads.
@@ -157,6 +158,20 @@ def resume_state(out: Path | None) -> dict[str, Any]:
     return load_checkpoint(out / "last.pt")
 
 
+def refuse_existing_run(out: Path, *, resume: dict[str, Any] | None,
+                        overwrite: bool) -> list[str]:
+    """The checkpoints ``out`` holds; a :class:`RunExistsError` if it holds a run and the
+    new one neither resumes it nor ``overwrite``\ s it. Touches no file, so a run can
+    call it before loading its data and :func:`open_run_folder` once it is built."""
+    held = [n for n in NAMES if (out / n).exists()]
+    if held and resume is None and not overwrite:
+        raise RunExistsError(
+            f"{out} already holds a training run ({', '.join(held)}): pass --resume to "
+            f"continue it or --overwrite to replace it, or choose another --out"
+        )
+    return held
+
+
 def open_run_folder(out: Path, *, resume: dict[str, Any] | None, overwrite: bool,
                     writer: bool = True) -> None:
     """Apply the run-folder rules before a run starts in ``out`` (``resume``: the state it
@@ -174,12 +189,7 @@ def open_run_folder(out: Path, *, resume: dict[str, Any] | None, overwrite: bool
     Only the ``writer`` (rank 0 of several processes) changes files.
     """
     _check_writable(out)
-    held = [n for n in NAMES if (out / n).exists()]
-    if held and resume is None and not overwrite:
-        raise RunExistsError(
-            f"{out} already holds a training run ({', '.join(held)}): pass --resume to "
-            f"continue it or --overwrite to replace it, or choose another --out"
-        )
+    held = refuse_existing_run(out, resume=resume, overwrite=overwrite)
     if not writer:
         return
     for name in NAMES:

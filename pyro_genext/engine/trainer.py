@@ -36,7 +36,14 @@ from torch import nn
 from .. import distributed
 from ..checks import data_checks
 from ..data import Dataset, load_dataset
-from .checkpoint import CHECKPOINT_VERSION, load_model_state, open_run_folder, resume_state, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_VERSION,
+    load_model_state,
+    open_run_folder,
+    refuse_existing_run,
+    resume_state,
+    save_checkpoint,
+)
 from .kind import ModelKind
 from .progress import Progress, RunningMedian, describe
 from .registry import get_kind
@@ -401,6 +408,8 @@ def fit(
     else:
         s = settings_for(k, settings)
     check_settings(s, k)
+    if outp is not None:  # before any work; the folder is opened once the run is built
+        refuse_existing_run(outp, resume=state, overwrite=overwrite)
     ctx, device = distributed.setup(str(s["device"]))
     seed = int(s["seed"])
     pyro.set_rng_seed(seed)
