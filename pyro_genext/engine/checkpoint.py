@@ -161,7 +161,7 @@ def resume_state(out: Path | None) -> dict[str, Any]:
 def refuse_existing_run(out: Path, *, resume: dict[str, Any] | None,
                         overwrite: bool) -> list[str]:
     """The checkpoints ``out`` holds; a :class:`RunExistsError` if it holds a run and the
-    new one neither resumes it nor ``overwrite``\ s it. Touches no file, so a run can
+    new one neither resumes nor overwrites it (``overwrite``). Touches no file: a run can
     call it before loading its data and :func:`open_run_folder` once it is built."""
     held = [n for n in NAMES if (out / n).exists()]
     if held and resume is None and not overwrite:
