@@ -30,61 +30,10 @@ import pyro.poutine as poutine
 import pyro.util
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.util import plate_log_prob_sum
 
-__all__ = ["FitResult", "ImportanceWeightedELBO", "fit_guide"]
+from .objectives import ImportanceWeightedELBO
 
-
-class ImportanceWeightedELBO(Trace_ELBO):
-    r"""The importance-weighted bound :math:`\mathcal L_K = \mathbb E\,\log\frac1K
-    \sum_{k=1}^K p(x, z_k)/q(z_k)`, :math:`z_k \sim q` (Burda, Grosse, Salakhutdinov 2015,
-    arXiv:1509.00519), as a loss ``-L_K`` with vectorised particles; :math:`\mathcal L_1`
-    is the ELBO and :math:`\mathcal L_K` rises to :math:`\log p(x)` as :math:`K` grows.
-    The same bound as Pyro's ``RenyiELBO(alpha=0)``, with a ``differentiable_loss`` (so
-    ``ImportanceWeightedELBO(K)(model, guide)`` is an ``ELBOModule``).
-
-    With a guide whose ``log_prob`` holds its parameters fixed (``AutoRealNVP(stl=True)``)
-    the gradient is the doubly reparametrised one, DReG (Tucker, Lawson, Gu, Maddison
-    2018, arXiv:1810.04152): the normalised weights enter squared, and the estimator's
-    variance goes to zero at the exact posterior. That is the right gradient for the
-    guide's parameters only: fit models with learnable parameters with a guide without
-    ``stl`` (the plain IWAE gradient).
-
-    Example::
-
-        >>> import pyro, pyro.distributions as dist
-        >>> from pyro.infer.autoguide import AutoNormal
-        >>> pyro.clear_param_store()
-        >>> def model():
-        ...     pyro.sample("x", dist.Normal(0.0, 1.0))
-        >>> guide = AutoNormal(model, init_scale=1.0)
-        >>> abs(ImportanceWeightedELBO(10).loss(model, guide)) < 1e-5  # q = p: log p(x) = 0
-        True
-    """
-
-    def __init__(self, num_particles: int = 10, max_plate_nesting: float = float("inf")) -> None:
-        super().__init__(num_particles=num_particles, vectorize_particles=True,
-                         max_plate_nesting=max_plate_nesting)
-
-    def _log_weights(self, model: Any, guide: Any, args: Any, kwargs: Any) -> torch.Tensor:
-        (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
-        guide_trace.pack_tensors()
-        model_trace.pack_tensors(guide_trace.plate_to_symbol)
-        # with one particle Pyro adds no particle plate: "" sums everything to a scalar
-        symbol = guide_trace.plate_to_symbol.get("num_particles_vectorized", "")
-        return plate_log_prob_sum(model_trace, symbol) - plate_log_prob_sum(guide_trace, symbol)
-
-    def differentiable_loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        lw = self._log_weights(model, guide, args, kwargs)
-        bound = torch.logsumexp(lw, 0) - math.log(lw.numel())
-        if getattr(guide, "stl", False):  # DReG: sum_k (w_k / sum w)^2 d log w_k, path only
-            w = torch.softmax(lw.detach(), 0)
-            return -(bound.detach() + (w**2 * (lw - lw.detach())).sum())
-        return -bound
-
-    def loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float:
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
+__all__ = ["FitResult", "fit_guide"]
 
 
 @dataclass

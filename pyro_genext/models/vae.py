@@ -130,14 +130,13 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import RenyiELBO
-from pyro.infer.util import get_dependent_plate_dims, torch_sum
 from pyro.nn import PyroModule
 from pyro.params.param_store import param_with_module_name
 from torch import nn
 
 from ..checks import as_model_dtype, data_checks_enabled
 from ..flows import ConditionalChain, conditional_nice, conditional_realnvp, nice, realnvp
+from ..infer.objectives import ImportanceWeightedELBO  # the one implementation, re-exported
 from ..transforms.base import Bijector
 
 __all__ = ["VAE", "ImportanceWeightedELBO", "kl_warmup_weight", "gap_decomposition", "GapDecomposition"]
@@ -1099,91 +1098,3 @@ def _evaluating() -> Iterator[None]:
     later autograd graph, e.g. as a target in a training loop)."""
     with torch.inference_mode(False), torch.no_grad():
         yield
-
-
-class ImportanceWeightedELBO(RenyiELBO):
-    r"""The importance-weighted bound :math:`\mathcal{L}_K` (IWAE) as a Pyro ELBO:
-    ``RenyiELBO(alpha=0, num_particles=K)`` plus a ``differentiable_loss``, so a plain
-    torch optimiser can train it, and with each example's weights combined before the
-    data plate's minibatch scale is applied.
-
-    For a model whose latents and observations are local to one data plate,
-    :math:`-\text{loss} = s \sum_n \log \frac1K \sum_k w_{nk}`, with the log-weight
-    :math:`\log w_{nk} = \log p(x_n, z_{nk}) - \log q(z_{nk} \mid x_n)` summed over the
-    sites of example :math:`n` and :math:`s` the plate's scale (``size / N`` for a
-    minibatch of ``N`` out of ``size``). Pyro's ``RenyiELBO`` weights the *scaled*
-    log-densities, :math:`\log \frac1K \sum_k w_{nk}^s`, which equals this for full
-    batches (:math:`s = 1`) only. The gradient is the IWAE gradient,
-    :math:`\sum_k \tilde w_{nk} \nabla \log w_{nk}` with normalised weights, through
-    reparameterised draws (guides without ``rsample`` are refused).
-
-    Cost: ``K`` passes of model and guide (one vectorised pass with
-    ``vectorize_particles=True``; the model must then broadcast over a leading particle
-    dimension, as :class:`VAE` does).
-
-    Example::
-
-        >>> import pyro
-        >>> pyro.clear_param_store()
-        >>> vae = VAE(6, z_dim=2, hidden_dims=(8,))
-        >>> x = torch.rand(4, 6).bernoulli()
-        >>> iwae = ImportanceWeightedELBO(num_particles=5, vectorize_particles=True, max_plate_nesting=1)
-        >>> iwae.differentiable_loss(vae.model, vae.guide, x).shape
-        torch.Size([])
-
-    Reference: Burda, Grosse, Salakhutdinov (2016), Importance weighted autoencoders,
-    arXiv:1509.00519.
-    """
-
-    def __init__(self, num_particles: int = 5, max_plate_nesting: float = float("inf"),
-                 vectorize_particles: bool = False) -> None:
-        super().__init__(alpha=0, num_particles=num_particles, max_plate_nesting=max_plate_nesting,
-                         vectorize_particles=vectorize_particles)
-
-    def differentiable_loss(self, model: Callable[..., Any], guide: Callable[..., Any],
-                            *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Minus the importance-weighted bound, differentiable."""
-        particles = []
-        scales: set[float] = set()
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            sites = [
-                s for t in (model_trace, guide_trace) for s in t.nodes.values() if s["type"] == "sample"
-            ]
-            sum_dims = get_dependent_plate_dims(sites)
-            log_w: Any = 0.0
-            for site in model_trace.nodes.values():
-                if site["type"] == "sample":
-                    log_w = log_w + torch_sum(site["unscaled_log_prob"], sum_dims)
-                    scales.add(float(site["scale"]))
-            for site in guide_trace.nodes.values():
-                if site["type"] == "sample":
-                    if not site["is_observed"] and not site["fn"].has_rsample:
-                        raise NotImplementedError(
-                            f"ImportanceWeightedELBO needs reparameterised guide sites; "
-                            f"site {site['name']!r} has no rsample"
-                        )
-                    log_w = log_w - torch_sum(site["unscaled_log_prob"], sum_dims)
-                    scales.add(float(site["scale"]))
-            particles.append(log_w)
-        if len(scales) > 1:
-            raise NotImplementedError(
-                f"ImportanceWeightedELBO needs every site under one data-plate scale, got {sorted(scales)}"
-            )
-        scale = scales.pop() if scales else 1.0
-        is_vectorized = self.vectorize_particles and self.num_particles > 1
-        log_w = particles[0] if is_vectorized else torch.stack(particles)
-        bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)
-        return -scale * bound.sum()
-
-    def loss(self, model: Callable[..., Any], guide: Callable[..., Any],  # type: ignore[override]
-             *args: Any, **kwargs: Any) -> float:
-        """Minus the importance-weighted bound, as a float."""
-        with torch.no_grad():
-            return float(self.differentiable_loss(model, guide, *args, **kwargs))
-
-    def loss_and_grads(self, model: Callable[..., Any], guide: Callable[..., Any],  # type: ignore[override]
-                       *args: Any, **kwargs: Any) -> float:
-        """The loss, after back-propagating it into every parameter (what ``SVI`` calls)."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return float(loss.detach())
