@@ -213,3 +213,65 @@ def test_each_part_of_a_guide_list_gets_its_own_gradient():
     elbo = ImportanceWeightedELBO(K)
     ok, info = _agrees(_grads_of(lambda: elbo.differentiable_loss(two, guide, Y), ours, 400), ref)
     assert ok, info
+
+
+# ------------------------------------------------------------------ fit_guide's loop
+def test_fit_guide_refuses_a_non_finite_gradient_before_the_update():
+    # a finite loss whose gradient is NaN: torch.where differentiates both branches, and
+    # sqrt of a negative draw gives NaN times 0 for the branch not taken
+    from pyro_genext.infer import fit_guide
+
+    def nan_sqrt(mu):  # finite value, NaN derivative at mu < 0
+        return torch.where(mu > 0, mu.sqrt(), torch.zeros_like(mu))
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.sample("nu", dist.Normal(0.0, 1.0))
+        pyro.factor("f", nan_sqrt(mu))
+
+    guide = AutoNormal(model, init_loc_fn=init_to_value(values={"mu": torch.tensor(-1.0),
+                                                                "nu": torch.tensor(0.5)}))
+    guide(Y)
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    named = r"gradient is (nan|inf) at step 0.*AutoNormal\.(locs|scales)\.mu"
+    with pytest.raises(RuntimeError, match=named) as e:
+        fit_guide(model, guide, Y, num_particles=4, progress_bar=False)
+    assert ".nu" not in str(e.value)  # only the parameters it reached
+    for k, v in pyro.get_param_store().items():  # no update: every parameter as it was
+        assert torch.equal(v.detach(), before[k]), k
+    # also with clipping off (no norm computed for the clipping)
+    with pytest.raises(RuntimeError, match="gradient is"):
+        fit_guide(model, guide, Y, num_particles=4, clip_norm=None, progress_bar=False)
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), before[k]), k
+
+
+def test_fit_guide_learning_rate_never_falls_below_its_floor():
+    from pyro_genext.infer import fit_guide
+
+    # at the exact posterior from the start: plateaus, so cuts of the rate; after a cut the
+    # exponential decay continued below lr * final_lr (to 0.69-0.83x of it)
+    exact = AutoNormal(iid, init_loc_fn=init_to_value(values={"mu": Y.sum() / 5}), init_scale=math.sqrt(0.2))
+    result = fit_guide(iid, exact, Y, num_steps=2000, lr=0.01, final_lr=0.1, patience=2, progress_bar=False)
+    assert len(result.learning_rates) == result.num_steps
+    assert result.learning_rates[0] == 0.01
+    assert min(result.learning_rates) >= 0.001 * (1 - 1e-9), min(result.learning_rates)
+    assert result.stopped_early and result.learning_rates[-1] == pytest.approx(0.001)
+    # without cuts the schedule is the exponential decay itself
+    pyro.clear_param_store()
+    far = AutoNormal(iid)
+    plain = fit_guide(iid, far, Y, num_steps=200, lr=0.01, final_lr=0.1, stop_on_plateau=False,
+                      progress_bar=False)
+    assert plain.learning_rates == pytest.approx([0.01 * 0.1 ** (i / 200) for i in range(200)], rel=1e-6)
+
+
+def test_fit_result_repr_is_short():
+    from pyro_genext.infer import fit_guide
+
+    result = fit_guide(iid, AutoNormal(iid), Y, num_steps=1000, stop_on_plateau=False, progress_bar=False)
+    text = repr(result)
+    assert len(text) < 200, text[:300]
+    for part in ("num_steps=1000", "stopped_early=False", "final_loss=", "seconds="):
+        assert part in text, text[:300]
+    final = sum(result.losses[-result.window:]) / result.window
+    assert f"final_loss={final:.4g}" in text

@@ -48,13 +48,30 @@ class FitResult:
         window_means: the smoothed curve the rule looked at: the mean loss of each
             complete window of ``window`` steps.
         seconds: wall-clock time of the loop.
+        learning_rates: the learning rate of every step.
+        window: the steps in each window of the stopping rule.
+
+    Its ``repr`` is one line (steps, how the fit ended, the final loss, time); the
+    losses are in :attr:`losses`.
     """
 
-    losses: list[float]
+    losses: list[float] = field(repr=False)
     num_steps: int
     stopped_early: bool
-    window_means: list[float] = field(default_factory=list)
+    window_means: list[float] = field(default_factory=list, repr=False)
     seconds: float = 0.0
+    learning_rates: list[float] = field(default_factory=list, repr=False)
+    window: int = 1
+
+    @property
+    def final_loss(self) -> float:
+        """The mean loss of the last ``window`` steps (of all of them if fewer)."""
+        last = self.losses[-max(1, self.window):]
+        return sum(last) / len(last) if last else math.nan
+
+    def __repr__(self) -> str:
+        return (f"FitResult(num_steps={self.num_steps}, stopped_early={self.stopped_early}, "
+                f"final_loss={self.final_loss:.4g}, seconds={self.seconds:.3g})")
 
 
 def _check(name: str, value: Any, ok: bool, expected: str) -> None:
@@ -205,8 +222,10 @@ def fit_guide(
     # the first evaluation builds the guide's parameters; record them all, as SVI does
     with poutine.trace(param_only=True) as capture:
         first = loss_fn(*args, **kwargs)
-    found = (s["value"].unconstrained() for s in capture.trace.nodes.values())  # type: ignore[union-attr]
-    params = list({id(p): p for p in found}.values())
+    found = {id(s["value"].unconstrained()): (name, s["value"].unconstrained())  # type: ignore[union-attr]
+             for name, s in capture.trace.nodes.items()}  # type: ignore[union-attr]
+    params = [p for _, p in found.values()]
+    names = {key: name for key, (name, _) in found.items()}
     if not params:
         raise ValueError("fit_guide: the model and guide have no parameters to fit")
     if vectorize_particles and num_particles > 1:
@@ -222,6 +241,8 @@ def fit_guide(
     losses: list[float] = []
     means: list[float] = []
     best: tuple[float, float] | None = None  # (mean, variance of the mean)
+    rates: list[float] = []
+    floor = lr * final_lr
     stall, stopped = 0, False
     t0 = time.perf_counter()
     for step in range(num_steps):
@@ -232,10 +253,23 @@ def fit_guide(
                                "keep clip_norm")
         optim.zero_grad(set_to_none=True)
         loss.backward()
+        # clip_grad_norm_'s two halves, with the check between them
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+        if not torch.isfinite(norm):  # before the update: no parameter is touched
+            bad = [names[id(p)] for p in params if p.grad is not None and not p.grad.isfinite().all()]
+            optim.zero_grad(set_to_none=True)
+            raise RuntimeError(f"fit_guide: the gradient is {float(norm)} at step {step} (the loss is "
+                               f"finite, {value:.6g}) in {', '.join(bad)}: a derivative of the model or "
+                               "guide is not finite there (e.g. torch.where with a NaN in the branch "
+                               "not taken); the parameters are as this step found them")
         if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm, foreach=True)
+        rates.append(optim.param_groups[0]["lr"])
         optim.step()
         sched.step()
+        for group in optim.param_groups:  # the decay goes on after a cut: not below the floor
+            if group["lr"] < floor * (1 - 1e-9):
+                group["lr"] = floor
         losses.append(value)
         if (step + 1) % win:
             continue
@@ -251,12 +285,12 @@ def fit_guide(
             stall += 1
         if stop_on_plateau and stall >= patience:
             current = optim.param_groups[0]["lr"]
-            if current <= lr * final_lr * (1 + 1e-6):  # at the final rate: done
+            if current <= floor * (1 + 1e-6):  # at the final rate: done
                 stopped = True
                 break
             for group in optim.param_groups:  # else cut the rate, as on a schedule's end
-                group["lr"] = max(lr * final_lr, group["lr"] * plateau_factor)
+                group["lr"] = max(floor, group["lr"] * plateau_factor)
             stall = 0
     if bar is not None:
         bar.close()
-    return FitResult(losses, len(losses), stopped, means, time.perf_counter() - t0)
+    return FitResult(losses, len(losses), stopped, means, time.perf_counter() - t0, rates, win)
