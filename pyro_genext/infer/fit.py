@@ -110,6 +110,19 @@ def _check_vectorised(elbo: Trace_ELBO, model: Any, guide: Any, args: Any, kwarg
                 )
 
 
+def _falling(losses: list[float], window: int, min_improvement: float) -> bool:
+    """Whether the least-squares line through ``losses`` falls by more than
+    ``min_improvement`` per ``window`` steps, beyond twice its standard error."""
+    y = torch.tensor(losses, dtype=torch.float64)
+    n = len(y)
+    t = torch.arange(n, dtype=torch.float64) - (n - 1) / 2
+    tt = float((t * t).sum())
+    slope = float((t * y).sum()) / tt
+    resid = y - y.mean() - slope * t
+    se = math.sqrt(float((resid * resid).sum()) / (n - 2) / tt)
+    return -slope * window - 2 * se * window > min_improvement
+
+
 def fit_guide(
     model: Callable[..., Any],
     guide: Callable[..., Any],
@@ -144,17 +157,27 @@ def fit_guide(
     norm ``clip_norm``, one step of a single ``Adam(foreach=True)`` over all
     parameters, the learning rate multiplied by ``final_lr ** (1 / num_steps)``.
 
-    Stopping rule (``stop_on_plateau``): the losses are averaged over windows of
-    ``window`` steps (default ``max(25, num_steps // 50)``). A window *improves* if its
-    mean is below the best earlier window mean by more than
-    ``max(min_improvement, 2 se)``, where :math:`\mathrm{se}` is the standard error of
-    the difference of the two means (from the spread of the losses in each window). After
-    ``patience`` windows in a row without improvement (the smoothed loss has not moved by
-    more than its noise for ``patience * window`` steps) the learning rate is multiplied
-    by ``plateau_factor``, down to no less than ``lr * final_lr``; on a plateau at that
-    final rate the fit stops. So a fit stops early only where the loss has stopped
-    improving at the small step size that ends a full schedule, and not with parameters
-    still jittering at a large one.
+    Stopping rule (``stop_on_plateau``): the losses are grouped in windows of ``window``
+    steps (default ``max(25, num_steps // 50)``). At the end of each window, once
+    ``2 * patience`` windows have passed since the start (or the last cut), a
+    least-squares line is fitted to the losses of those ``2 * patience`` windows. The
+    loss is *still falling* if the line falls per window by more than
+    ``min_improvement`` plus twice its standard error (the noise of the slope, from the
+    scatter of the losses about the line); otherwise it is a plateau: the learning rate
+    is multiplied by ``plateau_factor``, down to no less than ``lr * final_lr``, and on a
+    plateau at that final rate the fit stops. So a fit stops early only where the loss
+    has stopped improving at the small step size that ends a full schedule, and not while
+    its trend is still downward by more than its noise. (Until issue 23 a window had to
+    beat the best earlier window mean by 2 se; a minimum of noisy means is biased low, and
+    a fit whose loss fell by 0.6 per window of 30 steps under noise of sd 4.3 per step was
+    stopped at step 150. On eight schools and logistic regression, 1500 steps, two
+    seeds each, AutoNormal now stops at 840-1050 steps (780-810 before) and
+    AutoMultivariateNormal at 1260-1440 (990-1260); the final loss's excess over that
+    of all 1500 steps fell from 0.17-1.38 to -0.42-0.70 nats for six of the eight fits
+    and stayed at 0.49 and 1.24 for eight schools' AutoMultivariateNormal, whose loss
+    has heavy-tailed noise.) The learning rate never falls
+    below ``lr * final_lr``: the exponential decay continues after a cut, held at that
+    floor.
 
     The rule watches the objective. The importance-weighted bound is flatter near the
     posterior than the ELBO (it is exact for any guide as :math:`K \to \infty`), so with
@@ -173,7 +196,8 @@ def fit_guide(
             needs it).
         clip_norm: global gradient-norm bound, or ``None``.
         stop_on_plateau, window, patience, min_improvement, plateau_factor: the
-            stopping rule.
+            stopping rule (``min_improvement``: the fall per window, in the loss's units,
+            below which the loss counts as flat).
         progress_bar: show a ``tqdm`` bar with the smoothed loss.
 
     Example (a conjugate model: the posterior of ``mu`` is :math:`N(3/4, 1/4)`)::
@@ -240,10 +264,9 @@ def fit_guide(
         bar = tqdm(total=num_steps, desc="fit_guide", unit="step")
     losses: list[float] = []
     means: list[float] = []
-    best: tuple[float, float] | None = None  # (mean, variance of the mean)
     rates: list[float] = []
     floor = lr * final_lr
-    stall, stopped = 0, False
+    since, stopped = 0, False  # complete windows since the start or the last cut
     t0 = time.perf_counter()
     for step in range(num_steps):
         loss = first if step == 0 else loss_fn(*args, **kwargs)
@@ -273,24 +296,21 @@ def fit_guide(
         losses.append(value)
         if (step + 1) % win:
             continue
-        recent = torch.tensor(losses[-win:], dtype=torch.float64)
-        mean, var = float(recent.mean()), float(recent.var() / win)
-        means.append(mean)
+        means.append(sum(losses[-win:]) / win)
         if bar is not None:
             bar.update(win)
-            bar.set_postfix(loss=f"{mean:.4g}")
-        if best is None or best[0] - mean > max(min_improvement, 2 * math.sqrt(best[1] + var)):
-            best, stall = (mean, var), 0
-        else:
-            stall += 1
-        if stop_on_plateau and stall >= patience:
-            current = optim.param_groups[0]["lr"]
-            if current <= floor * (1 + 1e-6):  # at the final rate: done
-                stopped = True
-                break
-            for group in optim.param_groups:  # else cut the rate, as on a schedule's end
-                group["lr"] = max(floor, group["lr"] * plateau_factor)
-            stall = 0
+            bar.set_postfix(loss=f"{means[-1]:.4g}")
+        since += 1
+        if not stop_on_plateau or since < 2 * patience or _falling(losses[-2 * patience * win:], win,
+                                                                    min_improvement):
+            continue
+        current = optim.param_groups[0]["lr"]
+        if current <= floor * (1 + 1e-6):  # at the final rate: done
+            stopped = True
+            break
+        for group in optim.param_groups:  # else cut the rate, as on a schedule's end
+            group["lr"] = max(floor, group["lr"] * plateau_factor)
+        since = 0
     if bar is not None:
         bar.close()
     return FitResult(losses, len(losses), stopped, means, time.perf_counter() - t0, rates, win)
