@@ -33,6 +33,7 @@ import pyro.poutine as poutine
 import pyro.util
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.elbo import ELBO
 
 from .objectives import ImportanceWeightedELBO
 
@@ -90,7 +91,7 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_vectorised(elbo: Trace_ELBO, model: Any, guide: Any, args: Any, kwargs: Any) -> None:
+def _check_vectorised(elbo: ELBO, model: Any, guide: Any, args: Any, kwargs: Any) -> None:
     """Refuse a model that puts the particles outside the ELBO's plates: Pyro's vectorised
     ELBOs check only the rightmost ``max_plate_nesting`` dims of a site and sum the rest,
     so such a model counts its likelihood once per particle, silently. Run on saved and

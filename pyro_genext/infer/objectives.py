@@ -168,7 +168,7 @@ class ImportanceWeightedELBO(ELBO):
         bound = torch.logsumexp(lw, 0) - math.log(lw.shape[0])
         if not (torch.is_grad_enabled() and lw.requires_grad):
             return -scale * bound.sum()
-        found = (s["value"].unconstrained() for s in capture.trace.nodes.values())
+        found = (s["value"].unconstrained() for s in capture.trace.nodes.values())  # type: ignore[union-attr]
         params = [p for p in {id(p): p for p in found}.values() if p.requires_grad]
         path_only = path_only_parameters(guide)
         if not any(id(p) in path_only for p in params):  # IWAE for every parameter

@@ -68,7 +68,7 @@ Which Pyro ELBO does what
   posterior only; with a flow posterior it falls back to Monte Carlo, as ``Trace_ELBO``).
 * ``RenyiELBO(alpha=0, num_particles=K)``: the importance-weighted bound
   :math:`\mathcal{L}_K` (IWAE).
-* :class:`ImportanceWeightedELBO` ``(num_particles=K)``: the same bound, with the
+* :class:`~pyro_genext.infer.ImportanceWeightedELBO` ``(num_particles=K)``: the same bound, with the
   ``differentiable_loss`` a torch training loop needs, and unbiased for minibatches.
 
 :meth:`VAE.elbo` and :meth:`VAE.iwae_log_likelihood` compute :math:`\mathcal{L}` and
