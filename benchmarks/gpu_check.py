@@ -30,6 +30,7 @@ import math
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,22 @@ def record(args: argparse.Namespace, row: dict[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+@contextlib.contextmanager
+def row_of(args: argparse.Namespace, section: str, name: str) -> Iterator[dict[str, Any]]:
+    """A row of the table: filled by the block, which sets ``ok`` (and its figures); an
+    exception marks it failed, with its message, and does not stop the section. The row
+    (with its ``seconds``, unless the block set them) is recorded either way."""
+    row: dict[str, Any] = {"section": section, "name": name}
+    start = time.perf_counter()
+    try:
+        yield row
+    except Exception as e:  # one run's failure does not stop the others
+        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
+        traceback.print_exc()
+    row.setdefault("seconds", round(time.perf_counter() - start, 1))
+    record(args, row)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -92,9 +109,7 @@ def section_cli(args: argparse.Namespace) -> None:
         if args.smoke and "compiled" in name:
             continue  # a CPU compile takes minutes on a small machine
         run = work / name
-        start = time.perf_counter()
-        row: dict[str, Any] = {"section": "cli", "name": name}
-        try:
+        with row_of(args, "cli", name) as row:
             pyro.clear_param_store()
             common = ["--device", args.device, "--batch-size", "32", "--quiet", "--out", str(run)]
             status, _ = quiet_cli(["train", *train, *common, "--steps", str(steps), "--overwrite"])
@@ -113,11 +128,6 @@ def section_cli(args: argparse.Namespace) -> None:
             assert status == 0, f"sample: exit {status}"
             key = "bits_per_dim" if "bits_per_dim" in figures else "iwae"
             row.update(ok=True, figure=f"{key} {figures[key]:.4f}")
-        except Exception as e:  # one run's failure does not stop the others
-            row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-            traceback.print_exc()
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        record(args, row)
 
 
 def _trainer(kind: str, settings: dict[str, Any], args: argparse.Namespace) -> Trainer:
@@ -155,8 +165,7 @@ def _train_for(t: Trainer, seconds: float, device: str) -> dict[str, Any]:
 
 def section_realnvp(args: argparse.Namespace) -> None:
     name = "realnvp-fmnist" + ("-compiled" if args.compile else "")
-    row: dict[str, Any] = {"section": "realnvp", "name": name}
-    try:
+    with row_of(args, "realnvp", name) as row:
         batch = 32 if args.smoke else 256
         settings = {"batch_size": batch, "autocast": "none" if args.smoke else "bf16",
                     "epochs": 1000, "compile": args.compile,
@@ -168,15 +177,11 @@ def section_realnvp(args: argparse.Namespace) -> None:
         values = engine.per_example_metrics(t.kind, t.module, test.x, 0, "test")
         row.update(ok=True, epochs=round(t.step * batch / len(t.train_data), 2),
                    figure=f"test bpd {float(values['bpd'].double().mean()):.4f}")
-    except Exception as e:
-        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-        traceback.print_exc()
-    record(args, row)
 
 
 def section_vae(args: argparse.Namespace) -> None:
-    row: dict[str, Any] = {"section": "vae", "name": "vae-fmnist-epoch-realnvp-flows"}
-    try:
+    t = None
+    with row_of(args, "vae", "vae-fmnist-epoch-realnvp-flows") as row:
         settings = {"batch_size": 100, "epochs": 1, "posterior_flow": "realnvp", "prior_flow": "realnvp"}
         if args.smoke:
             settings.update(z_dim=4, hidden=[32], flow_hidden=[16])
@@ -185,15 +190,9 @@ def section_vae(args: argparse.Namespace) -> None:
         row["seconds_per_epoch"] = round(row["seconds"] + row["first_step_s"], 1)
         values = t.scores()
         row.update(ok=True, figure=f"val nelbo {float(values['nelbo'].double().mean()):.2f}")
-    except Exception as e:
-        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-        traceback.print_exc()
-        record(args, row)
+    if t is None:
         return
-    record(args, row)
-    gap: dict[str, Any] = {"section": "vae", "name": "vae-gap_decomposition"}
-    start = time.perf_counter()
-    try:
+    with row_of(args, "vae", "vae-gap_decomposition") as row:
         from pyro_genext.data import binarize
         from pyro_genext.models.vae import gap_decomposition
 
@@ -201,12 +200,7 @@ def section_vae(args: argparse.Namespace) -> None:
                      torch.Generator(args.device).manual_seed(0))
         d = gap_decomposition(t.module, x, num_samples=200, elbo_samples=50,
                               steps=20 if args.smoke else 200)
-        gap.update(ok=True, figure=f"log p(x) {float(d.log_px.double().mean()):.2f} over 8 images")
-    except Exception as e:
-        gap.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-        traceback.print_exc()
-    gap["seconds"] = round(time.perf_counter() - start, 1)
-    record(args, gap)
+        row.update(ok=True, figure=f"log p(x) {float(d.log_px.double().mean()):.2f} over 8 images")
 
 
 def section_guide(args: argparse.Namespace) -> None:
@@ -215,9 +209,8 @@ def section_guide(args: argparse.Namespace) -> None:
     from pyro_genext.diagnostics import diagnose
     from pyro_genext.infer import AutoRealNVP, fit_guide
 
-    row: dict[str, Any] = {"section": "guide", "name": "autorealnvp-fit_guide-diagnose"}
-    start = time.perf_counter()
-    try:
+    with row_of(args, "guide", "autorealnvp-fit_guide-diagnose") as row:
+        start = time.perf_counter()
         pyro.clear_param_store()
         pyro.set_rng_seed(0)
         g = torch.Generator().manual_seed(0)
@@ -237,11 +230,6 @@ def section_guide(args: argparse.Namespace) -> None:
         d = diagnose(model, guide, X, y, num_samples=500 if args.smoke else 2000, verbose=False)
         row.update(ok=True, figure=f"loss {fit.losses[-1]:.2f}, {fit.num_steps} steps; log Z "
                                    f"{d.log_evidence:.2f}, k-hat {d.khat:.2f}")
-    except Exception as e:
-        row.update(ok=False, error=f"{type(e).__name__}: {e}"[:300])
-        traceback.print_exc()
-    row["seconds"] = round(time.perf_counter() - start, 1)
-    record(args, row)
 
 
 def summary(args: argparse.Namespace) -> None:
