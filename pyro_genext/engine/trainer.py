@@ -86,7 +86,8 @@ class Trainer:
     Attributes that callbacks and tests read: ``kind``, ``settings``, ``module``,
     ``optimizer``, ``step`` (optimiser steps taken), ``epoch``, ``total_steps``,
     ``history`` (one validation summary per validation), ``best``/``best_step``/
-    ``best_summary``, ``last_loss`` (the latest training loss per example read back).
+    ``best_summary``, ``last_loss`` (the latest training loss per example read back),
+    ``compile_seconds`` (with ``--compile``: the first, compiling, step's time).
     ``out`` is the run folder (``None``: nothing is written).
     """
 
@@ -260,7 +261,7 @@ class Trainer:
             self.kind.on_step(self.module, self.step, s)
         lr = learning_rate(float(s["lr"]), self.step, int(s.get("warmup") or 0))
         if self.compiled is not None:  # loss, backward, clipping and update: one compiled call
-            loss = self._compiled_step(xb, lr)
+            loss = self._compiled_step(xb, lr)  # (so the loss is read after its update)
             self.pending.append(loss)
             if len(self.pending) >= self.sync_every:
                 self.flush()
@@ -293,10 +294,9 @@ class Trainer:
         module, optimizer, params = self.module, self.optimizer, self.params
         clip = float(s["clip_norm"])
 
-        def step(xb: torch.Tensor) -> torch.Tensor:
+        def step(xb: torch.Tensor) -> torch.Tensor:  # (the gradients were set to None)
             with self._autocast():
                 loss = loss_fn(module, xb, s)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_per_tensor(params, clip)
             optimizer.step()
@@ -316,10 +316,15 @@ class Trainer:
             if not isinstance(group["lr"], torch.Tensor):  # (a checkpoint's state holds floats)
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
             group["lr"].fill_(lr)
+        self.optimizer.zero_grad(set_to_none=True)  # outside: torch.compile will not trace it
+        if self.compile_mode == "reduce-overhead":  # a new step of the CUDA graphs
+            torch.compiler.cudagraph_mark_step_begin()
         if self.compile_seconds is not None:
-            return self.compiled(xb)  # type: ignore[misc]
+            # a copy: a CUDA graph's output is overwritten by its next replay, and the loss
+            # waits in `pending` for the read-back
+            return self.compiled(xb).clone()  # type: ignore[misc]
         start = time.perf_counter()
-        loss = self.compiled(xb)  # type: ignore[misc]
+        loss = self.compiled(xb).clone()  # type: ignore[misc]
         self.compile_seconds = time.perf_counter() - start
         self.progress.say(f"--compile: the first step (compilation, mode {self.compile_mode}) took "
                           f"{self.compile_seconds:.1f} s")
