@@ -305,3 +305,30 @@ def test_train_loss_is_the_objective_the_engine_trains(name):
         assert (g is None) == (h is None) or (g if h is None else h).abs().max() == 0
         if g is not None and h is not None:
             assert torch.allclose(g, h, rtol=1e-4, atol=1e-6)
+
+
+def test_the_models_public_methods_follow_their_device(monkeypatch):
+    """FlowDensity and VAE with their parameters and data on a device (``meta``): scoring,
+    sampling, encoding and decoding create nothing on the host and read nothing back."""
+    from pyro_genext import realnvp
+    from pyro_genext.models import VAE, FlowDensity
+
+    x_img = torch.randint(0, 17, (6, 1, 4, 4)).float()
+    density = FlowDensity(realnvp((1, 4, 4), hidden_channels=4, num_blocks=1), levels=17)
+    vae = VAE((1, 4, 4), 2, hidden_dims=(8,), posterior_flow="realnvp", prior_flow="nice",
+              num_flows=2, flow_hidden_dims=(8,))
+    vae._elements_per_draw(x_img)  # a one-time probe of the networks' sizes (reads hooks' counts)
+    with device_generators(monkeypatch):
+        density.to("meta")
+        vae.to("meta")
+        x = x_img.to("meta")
+        mode = FollowsDevice()
+        with data_checks(False), torch.no_grad(), mode:
+            outputs = [density.log_prob(x), density.log_prob(x, dequantize=True),
+                       density.sample(3), density.sample(3, quantize=True),
+                       density.decode(density.encode(x)),
+                       vae.elbo(x.div(16), num_particles=2), vae.iwae_log_likelihood(x.div(16), 4),
+                       vae.log_weights(x.div(16), 2), vae.sample(3), vae.sample(3, mean=True),
+                       vae.reconstruct(x.div(16)), vae.decode(vae.encode(x.div(16)))]
+    assert not mode.problems, mode.problems[:5]
+    assert all(o.device.type == "meta" for o in outputs)
