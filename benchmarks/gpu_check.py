@@ -168,7 +168,7 @@ def section_realnvp(args: argparse.Namespace) -> None:
     with row_of(args, "realnvp", name) as row:
         batch = 32 if args.smoke else 256
         settings = {"batch_size": batch, "autocast": "none" if args.smoke else "bf16",
-                    "epochs": 1000, "compile": args.compile,
+                    "epochs": 1000, "compile": args.compile, "compile_mode": args.compile_mode,
                     "hidden": 8 if args.smoke else 64, "num_blocks": 1 if args.smoke else 2}
         t = _trainer("realnvp", settings, args)
         row.update(_train_for(t, args.seconds, args.device))
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="folder holding Fashion-MNIST's files")
     p.add_argument("--seconds", type=float, default=150.0, help="training time of `realnvp`")
     p.add_argument("--compile", action="store_true", help="`realnvp` with --compile")
+    p.add_argument("--compile-mode", default="auto", help="`realnvp`'s --compile-mode")
     p.add_argument("--smoke", action="store_true", help="tiny everything, for the CPU")
     args = p.parse_args(argv)
     torch.set_num_threads(2 if args.smoke else 8)

@@ -13,14 +13,19 @@
 #
 # Fashion-MNIST is read from $GPU_CHECK_DATA (a folder holding the four official IDX files,
 # .gz or not), else where pyro_genext looks ($PYRO_GENEXT_DATA, the cache, a download).
-# Logs and the table go to $OUT when it is set (else runs/gpu_check).
+# Logs and the table go to $OUT when it is set (else runs/gpu_check). Other knobs:
+# GPU_CHECK_SECONDS (eager RealNVP, 120), GPU_CHECK_COMPILED_SECONDS (45),
+# GPU_CHECK_COMPILE_MODE (auto: reduce-overhead on a GPU), GPU_CHECK_BUDGET (480), PYTHON.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
-OUTDIR=${OUT:-runs/gpu_check}
+OUTDIR=${OUT:-runs/gpu_check}  # three files: gpu_check.log, gpu_check.jsonl, summary.txt
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # the runs' checkpoints, each section's log
 mkdir -p "$OUTDIR"
 RESULTS="$OUTDIR/gpu_check.jsonl"
+LOG="$OUTDIR/gpu_check.log"
 : >"$RESULTS"
+: >"$LOG"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 SMOKE=0 SCALE=1
@@ -36,7 +41,7 @@ fi
 START=$(date +%s)
 ROOT=()
 [ -n "${GPU_CHECK_DATA:-}" ] && ROOT=(--root "$GPU_CHECK_DATA")
-COMMON=(--device "$DEV" --results "$RESULTS" --work "$OUTDIR/runs" "${ROOT[@]}" "${FLAGS[@]}")
+COMMON=(--device "$DEV" --results "$RESULTS" --work "$WORK/runs" "${ROOT[@]}" "${FLAGS[@]}")
 
 BUDGET=${GPU_CHECK_BUDGET:-480}  # seconds for all sections together (the summary after them)
 section() {  # section NAME LIMIT_SECONDS COMMAND...: within the limit and what the budget has left
@@ -49,18 +54,19 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...: within the limit and what 
         echo "{\"section\": \"$name\", \"name\": \"(section)\", \"ok\": false, \"error\": \"skipped: budget spent\"}" >>"$RESULTS"
         return
     fi
-    echo "=== $name ($(date -u +%H:%M:%S), at most ${limit} s)"
-    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+    echo "=== $name ($(date -u +%H:%M:%S), at most ${limit} s)" | tee -a "$LOG"
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
-    tail -n 25 "$OUTDIR/$name.log"
+    cat "$WORK/$name.log" >>"$LOG"
+    tail -n 25 "$WORK/$name.log"
     if [ $rc -ne 0 ]; then
-        echo "{\"section\": \"$name\", \"name\": \"(section)\", \"ok\": false, \"error\": \"exit status $rc, see $name.log\"}" >>"$RESULTS"
+        echo "{\"section\": \"$name\", \"name\": \"(section)\", \"ok\": false, \"error\": \"exit status $rc, see gpu_check.log\"}" >>"$RESULTS"
     fi
 }
 
 if [ $DEV = cuda ]; then
     $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
-        | tee "$OUTDIR/device.txt"
+        | tee -a "$LOG"
 fi
 section cli 100 $PY benchmarks/gpu_check.py cli "${COMMON[@]}"
 section vae 60 $PY benchmarks/gpu_check.py vae "${COMMON[@]}"
@@ -72,14 +78,15 @@ fi
 section realnvp 200 $PY benchmarks/gpu_check.py realnvp "${COMMON[@]}" --seconds "$SECONDS_EAGER"
 if [ "$SECONDS_COMPILED" != 0 ]; then  # last: it takes what the budget has left
     section realnvp_compiled 200 $PY benchmarks/gpu_check.py realnvp "${COMMON[@]}" --compile \
-        --seconds "$SECONDS_COMPILED"
+        --compile-mode "${GPU_CHECK_COMPILE_MODE:-auto}" --seconds "$SECONDS_COMPILED"
 fi
 echo
 echo "=== summary ($(( $(date +%s) - START )) s in all)" | tee "$OUTDIR/summary.txt"
 $PY benchmarks/gpu_check.py summary "${COMMON[@]}" | tee -a "$OUTDIR/summary.txt"
 for t in throughput_256 throughput_4096; do
-    if [ -f "$OUTDIR/$t.log" ]; then
+    if [ -f "$WORK/$t.log" ]; then
         echo "--- $t (benchmarks/throughput.py)" | tee -a "$OUTDIR/summary.txt"
-        grep -v '^\s*$' "$OUTDIR/$t.log" | tail -n 14 | tee -a "$OUTDIR/summary.txt"
+        grep -v '^\s*$' "$WORK/$t.log" | tee -a "$OUTDIR/summary.txt"
     fi
 done
+rm -rf "$WORK"
