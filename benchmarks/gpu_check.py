@@ -106,8 +106,8 @@ def section_cli(args: argparse.Namespace) -> None:
     work = Path(args.work) / "cli"
     steps = 6 if args.smoke else 40
     for name, train in CLI_RUNS.items():
-        if args.smoke and "compiled" in name:
-            continue  # a CPU compile takes minutes on a small machine
+        if ("compiled" in name) != (args.compiled == "only") and args.compiled != "all":
+            continue
         run = work / name
         with row_of(args, "cli", name) as row:
             pyro.clear_param_store()
@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=150.0, help="training time of `realnvp`")
     p.add_argument("--compile", action="store_true", help="`realnvp` with --compile")
     p.add_argument("--compile-mode", default="auto", help="`realnvp`'s --compile-mode")
+    p.add_argument("--compiled", choices=("skip", "only", "all"), default="all",
+                   help="`cli`: the --compile runs too, alone, or not")
     p.add_argument("--smoke", action="store_true", help="tiny everything, for the CPU")
     args = p.parse_args(argv)
     torch.set_num_threads(2 if args.smoke else 8)

@@ -35,7 +35,8 @@ if [ $SMOKE = 1 ]; then
     TP256=(--quick --device cpu --impls floor,ours); TP4096=()
 else
     DEV=cuda; FLAGS=(); SECONDS_EAGER=${GPU_CHECK_SECONDS:-120}; SECONDS_COMPILED=${GPU_CHECK_COMPILED_SECONDS:-45}
-    TP256=(--device cuda --clock wall --batch 256 --repeats 3 --min-time 0.1)
+    TP256=(--device cuda --clock wall --batch 256 --repeats 3 --min-time 0.1  # compiled: at 4096
+           --impls floor,ours,ours-default,nflows,normflows,zuko,pyro)
     TP4096=(--device cuda --clock wall --batch 4096 --dims 784 --widths 1024 --repeats 3 --min-time 0.1)
 fi
 START=$(date +%s)
@@ -68,15 +69,16 @@ if [ $DEV = cuda ]; then
     $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())" \
         | tee -a "$LOG"
 fi
-section cli 100 $PY benchmarks/gpu_check.py cli "${COMMON[@]}"
+section cli 100 $PY benchmarks/gpu_check.py cli "${COMMON[@]}" --compiled skip
 section vae 60 $PY benchmarks/gpu_check.py vae "${COMMON[@]}"
 section guide 60 $PY benchmarks/gpu_check.py guide "${COMMON[@]}"
+section realnvp 200 $PY benchmarks/gpu_check.py realnvp "${COMMON[@]}" --seconds "$SECONDS_EAGER"
 section throughput_256 100 $PY benchmarks/throughput.py "${TP256[@]}"
 if [ ${#TP4096[@]} -gt 0 ]; then
     section throughput_4096 60 $PY benchmarks/throughput.py "${TP4096[@]}"
 fi
-section realnvp 200 $PY benchmarks/gpu_check.py realnvp "${COMMON[@]}" --seconds "$SECONDS_EAGER"
-if [ "$SECONDS_COMPILED" != 0 ]; then  # last: it takes what the budget has left
+if [ "$SECONDS_COMPILED" != 0 ]; then  # last: the compiled runs take what the budget has left
+    section cli_compiled 100 $PY benchmarks/gpu_check.py cli "${COMMON[@]}" --compiled only
     section realnvp_compiled 200 $PY benchmarks/gpu_check.py realnvp "${COMMON[@]}" --compile \
         --compile-mode "${GPU_CHECK_COMPILE_MODE:-auto}" --seconds "$SECONDS_COMPILED"
 fi
