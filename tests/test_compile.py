@@ -174,3 +174,26 @@ def test_compiled_calls_leave_nothing_behind():
     probe_u, probe_y = weakref.ref(u), weakref.ref(y)
     del u, y
     assert probe_u() is None and probe_y() is None
+
+
+@pytest.mark.parametrize("name", ["realnvp-vectors", "vae-realnvp-flows"])
+def test_the_engines_compiled_step_matches_its_eager_step(name):
+    """``--compile``: the engine's whole step (the kind's train_loss, backward, clipping,
+    Adam) compiled by inductor gives the eager step's losses, step after step (on the CPU
+    inductor's random draws are torch's), and the first step's compilation time is
+    reported."""
+    import pyro
+    from test_device import trainer
+
+    torch._dynamo.reset()
+    runs = {}
+    for compiled in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        t = trainer(name, compile=compiled)
+        with data_checks(False):
+            runs[compiled] = torch.stack([t.train_step() for _ in range(3)])
+        assert (t.compile_seconds is not None) == compiled
+        assert t.result()["compile_seconds"] == t.compile_seconds
+    assert torch.allclose(runs[True], runs[False], rtol=1e-5), runs
+    torch._dynamo.reset()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import data_checks_enabled
+
 __all__ = ["binarize", "intensities"]
 
 
@@ -24,7 +26,9 @@ def intensities(x: torch.Tensor, levels: int) -> torch.Tensor:
     r"""Grey levels :math:`0 .. L-1` as intensities :math:`v / (L - 1) \in [0, 1]`.
 
     Raises ``ValueError`` for ``levels < 2`` or values outside :math:`[0, L-1]`, before any
-    computation.
+    computation; the values are not read inside :func:`~pyro_genext.checks.data_checks`
+    ``(False)`` (data checked once, as the training engine does: on a GPU a read stalls
+    the step).
 
     Example:
         >>> intensities(torch.tensor([0.0, 8.0, 16.0]), levels=17)
@@ -32,7 +36,8 @@ def intensities(x: torch.Tensor, levels: int) -> torch.Tensor:
     """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValueError(f"expected levels an integer >= 2, got {levels!r}")
-    if x.numel() and (not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > levels - 1):
+    if data_checks_enabled() and x.numel() and (
+            not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > levels - 1):
         raise ValueError(
             f"expected grey levels in [0, {levels - 1}] (levels={levels}), got values in "
             f"[{float(x.min()):g}, {float(x.max()):g}]"
@@ -42,7 +47,8 @@ def intensities(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 def binarize(x: torch.Tensor, levels: int, generator: torch.Generator | None = None) -> torch.Tensor:
     r"""One Bernoulli draw per pixel with probability :func:`intensities`; values 0. or 1.
-    in ``x``'s dtype and shape. Pass a seeded ``generator`` for a fixed binarisation.
+    in ``x``'s dtype and shape. Pass a seeded ``generator`` for a fixed binarisation, on
+    ``x``'s device (``torch.Generator(x.device)``: a draw on a GPU refuses a CPU one).
 
     Example:
         >>> x = torch.tensor([[0.0, 255.0, 128.0]])

@@ -8,10 +8,12 @@ everything else:
 * batching: a seeded permutation of the training split each epoch, ``batch_size``
   examples per step, the last incomplete batch of an epoch dropped;
 * the step (:mod:`~pyro_genext.engine.step`): Pyro's ``ELBOModule`` on the model's
-  ``model`` and ``guide``, per example, minimised by ``torch.optim.Adam`` over the
-  module's parameters (nothing is read from Pyro's global param store), each parameter
-  tensor's gradient clipped to norm ``clip_norm`` (as Pyro's ``clip_args``), after a
-  linear learning-rate warm-up of ``warmup`` steps;
+  ``model`` and ``guide``, per example, minimised by ``torch.optim.Adam`` (fused on a GPU)
+  over the module's parameters (nothing is read from Pyro's global param store), each
+  parameter tensor's gradient clipped to norm ``clip_norm`` (as Pyro's ``clip_args``),
+  after a linear learning-rate warm-up of ``warmup`` steps; nothing in a step reads a
+  value back to the host, every random draw is on the batch's device, and ``compile``
+  compiles the whole step;
 * validation (:mod:`~pyro_genext.engine.validation`) at the end of every epoch and of the
   run: the kind's per-example metrics over the validation split, reported as mean, median
   and worst; ``best.pt`` holds the model with the lowest mean of the first metric;

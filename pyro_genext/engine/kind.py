@@ -43,7 +43,7 @@ class ModelKind:
     batch, before step 1, not on resume), ``on_step``, ``add_evaluate_arguments``,
     ``add_sample_arguments``, ``default_threads`` (CPU threads without ``--threads``),
     ``default_warmup`` (learning-rate warm-up steps without ``--warmup``), ``progress``,
-    ``check_data`` and ``check_settings``.
+    ``check_data``, ``check_settings`` and ``train_loss``.
 
     ``evaluate`` and ``sample`` get the checkpoint's data set (the split asked for, the test
     split for ``sample``) and the parsed flags, with ``args.kind`` (the kind's name) and
@@ -64,7 +64,12 @@ class ModelKind:
     the host. ``check_settings(settings)`` raises ``ValueError`` for a combination of the
     kind's settings that it cannot train (each flag is already checked on its own); the
     engine calls it with the common checks, before any work, and the command line turns it
-    into a usage error (exit status 2).
+    into a usage error (exit status 2). ``train_loss(module, x, settings)``, for
+    ``--compile``: the training loss per example of a prepared batch, the same objective as
+    ``loss(settings)`` (the same estimator, in expectation), computed by the model's own
+    tensors without Pyro's tracing (which the compiler cannot follow): the engine compiles
+    it with its backward pass and the update into one step. A kind without it trains
+    eagerly under ``--compile``, and says so.
     """
 
     name: str
@@ -85,3 +90,4 @@ class ModelKind:
     check_data: Callable[[PyroModule, torch.Tensor], None] | None = None
     on_step: Callable[[Any, int, dict], None] | None = None
     check_settings: Callable[[Mapping[str, Any]], None] | None = None
+    train_loss: Callable[[Any, torch.Tensor, dict], torch.Tensor] | None = None

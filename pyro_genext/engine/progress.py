@@ -46,8 +46,10 @@ def describe_result(result: Mapping[str, Any]) -> str:
     best = result["best"]
     name = next(iter(best))[: -len("_mean")] if best else "metric"
     where = f"; checkpoints in {result['out_dir']}" if result["out_dir"] else ""
+    compiled = result.get("compile_seconds")
+    first = "" if compiled is None else f" (the first, compiling, {compiled:.1f} s)"
     return (f"best validation {describe(name, best)} at step {result['best_step']}; "
-            f"{result['steps']} of {result['total_steps']} steps{where}")
+            f"{result['steps']} of {result['total_steps']} steps{first}{where}")
 
 
 def default_log(msg: str) -> None:

@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 #: Settings that a resumed run may change: where the data are, the device, how often to
-#: checkpoint and log.
-RUN_CONTROL = ("root", "device", "checkpoint_every", "log_interval")
+#: checkpoint and log, whether the step is compiled.
+RUN_CONTROL = ("root", "device", "checkpoint_every", "log_interval", "compile", "compile_mode")
 #: The budget, which a resumed run may raise.
 BUDGET = ("steps", "epochs")
 #: Flags that steer one invocation and are not settings of the run.
@@ -132,6 +132,12 @@ COMMON: tuple[Setting, ...] = (
     Setting("device", "cpu", "cpu, cuda or cuda:N"),
     Setting("autocast", "none", "bf16: the networks compute in bfloat16 under torch.autocast, "
             "the element-wise maps and log-determinants stay in float32", choices=("none", "bf16")),
+    Setting("compile", False, "compile the whole training step (loss, backward, clipping, "
+            "update) with torch.compile; the first step pays the compilation, reported in the "
+            "log", flag_only=True),
+    Setting("compile_mode", "auto", "torch.compile's mode with --compile; auto: reduce-overhead "
+            "(CUDA graphs) on a GPU, default on the CPU",
+            choices=("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")),
     Setting("root", None, "folder holding the data files (default: the standard places)"),
     Setting("checkpoint_every", 500, "steps between checkpoints (also at every validation)",
             type=positive_int),

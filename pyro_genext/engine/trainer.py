@@ -24,8 +24,9 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,8 @@ from .kind import ModelKind
 from .progress import Progress, RunningMedian, describe
 from .registry import get_kind
 from .settings import budget, check_settings, resume_settings, settings_for
-from .step import Objective, learning_rate, update
-from .validation import per_example_metrics, summarize
+from .step import Objective, clip_per_tensor, learning_rate, make_optimizer, update
+from .validation import generator, per_example_metrics, summarize
 
 __all__ = ["Trainer", "fit", "SYNC_EVERY"]
 
@@ -85,7 +86,8 @@ class Trainer:
     Attributes that callbacks and tests read: ``kind``, ``settings``, ``module``,
     ``optimizer``, ``step`` (optimiser steps taken), ``epoch``, ``total_steps``,
     ``history`` (one validation summary per validation), ``best``/``best_step``/
-    ``best_summary``, ``last_loss`` (the latest training loss per example read back).
+    ``best_summary``, ``last_loss`` (the latest training loss per example read back),
+    ``compile_seconds`` (with ``--compile``: the first, compiling, step's time).
     ``out`` is the run folder (``None``: nothing is written).
     """
 
@@ -115,12 +117,13 @@ class Trainer:
             kind.check_data(self.module, val_data.x)
         self.objective = Objective(self.module, kind.loss(s))
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=float(s["lr"]))
+        self.optimizer = make_optimizer(self.params, float(s["lr"]), self.device)
         self.x_train = train_data.x.to(self.device)
         self.total_steps = budget(s, n // self.batch)
-        self.gen = torch.Generator().manual_seed(self.seed)
+        # the data order and every draw of `prepare` (one process), on the data's device
+        self.gen = generator(self.device, self.seed)
         self.step, self.epoch, self.pos = 0, 0, 0
-        self.perm = torch.randperm(n, generator=self.gen)
+        self.perm = torch.randperm(n, generator=self.gen, device=self.device)
         self.best, self.best_step = math.inf, -1
         self.best_summary: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -133,6 +136,9 @@ class Trainer:
         self.read = 0  # steps whose losses have been read
         self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY
         self.step_module: nn.Module = self.objective
+        self.compile_mode: str | None = None
+        self.compile_seconds: float | None = None  # the first compiled step's time
+        self.compiled = self._compile() if s.get("compile") else None
         if self.ctx.distributed:  # gradients averaged over the ranks in backward
             from torch.nn.parallel import DistributedDataParallel
 
@@ -155,9 +161,10 @@ class Trainer:
                           "levels": tr.levels, "num_train": len(tr)},
             "model": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
-            "step": self.step, "epoch": self.epoch, "pos": self.pos, "perm": self.perm,
-            "gen": self.gen.get_state(), "rng": pyro.util.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+            "step": self.step, "epoch": self.epoch, "pos": self.pos, "perm": self.perm.cpu(),
+            "gen": self.gen.get_state(), "gen_device": self.device.type,
+            "rng": pyro.util.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "world_size": self.ctx.world_size,
             "best": self.best, "best_step": self.best_step, "best_summary": self.best_summary,
             "history": self.history, "running": list(self.running.values),
@@ -175,16 +182,35 @@ class Trainer:
         load_model_state(self.module, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
-        self.perm = state["perm"]
-        self.gen.set_state(state["gen"])
+        self.perm = state["perm"].to(self.device)
+        self._restore_streams(state)
         self.best, self.best_step = state["best"], state["best_step"]
         self.best_summary, self.history = state["best_summary"], state["history"]
         self.running = RunningMedian(values=state["running"])
         self.read = self.saved_step = self.step
         if not self.ctx.distributed:
             pyro.util.set_rng_state(state["rng"])
-            if state.get("cuda_rng") is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def _restore_streams(self, state: Mapping[str, Any]) -> None:
+        """The training generator (and the GPU's global stream) of a checkpoint. A generator
+        state belongs to one kind of device (a CPU generator's is a Mersenne Twister, a
+        GPU's a Philox counter), so a run resumed on another kind of device than it was
+        saved on starts a fresh stream seeded from the run's seed and step, and says so:
+        reproducible, though not the stream the run would have drawn where it started."""
+        saved = state.get("gen_device", "cpu")  # checkpoints before it were all CPU streams
+        if saved == self.device.type:
+            self.gen.set_state(state["gen"])
+        else:
+            self.gen.manual_seed(distributed.stream_seed(self.seed, 0, self.step, salt=2))
+            self.progress.say(f"resumed on {self.device.type} from a run saved on {saved}: the "
+                              f"random streams are re-seeded from the seed and step {self.step}")
+        cuda_rng = state.get("cuda_rng")
+        if cuda_rng is not None and self.device.type == "cuda" and not self.ctx.distributed:
+            if isinstance(cuda_rng, (list, tuple)):  # older checkpoints: every GPU's state
+                index = self.device.index or 0
+                cuda_rng = cuda_rng[index] if len(cuda_rng) > index else None
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
 
     # ------------------------------------------------------------------ pieces
     def _stream(self, step: int) -> torch.Generator:
@@ -194,8 +220,7 @@ class Trainer:
         continues the same streams."""
         if not self.ctx.distributed:
             return self.gen
-        seed = distributed.stream_seed(self.seed, self.ctx.rank, step, salt=1)
-        return torch.Generator().manual_seed(seed)
+        return generator(self.device, distributed.stream_seed(self.seed, self.ctx.rank, step, salt=1))
 
     def initialize(self) -> None:
         """The kind's data-dependent start-up on the first prepared training batch (each
@@ -203,7 +228,7 @@ class Trainer:
         if self.kind.initialize is None:
             return
         self.module.train()
-        idx = distributed.shard(self.perm[: self.batch], self.ctx).to(self.device)
+        idx = distributed.shard(self.perm[: self.batch], self.ctx)
         with torch.no_grad():
             x0 = self.kind.prepare(self.module, self.x_train[idx], self._stream(0))
         self.kind.initialize(self.module, x0)
@@ -212,14 +237,14 @@ class Trainer:
         """The next training batch (this rank's share), prepared; a new epoch draws a new
         permutation when the current one cannot fill a batch."""
         if self.end_of_epoch:
-            self.perm = torch.randperm(len(self.train_data), generator=self.gen)
+            self.perm = torch.randperm(len(self.train_data), generator=self.gen, device=self.device)
             self.pos = 0
             self.epoch += 1
         idx = distributed.shard(self.perm[self.pos : self.pos + self.batch], self.ctx)
         self.pos += self.batch
         if self.ctx.distributed:  # per-rank random streams, a function of (seed, rank, step)
             pyro.set_rng_seed(distributed.stream_seed(self.seed, self.ctx.rank, self.step + 1))
-        return self.kind.prepare(self.module, self.x_train[idx.to(self.device)],
+        return self.kind.prepare(self.module, self.x_train[idx],
                                  self._stream(self.step + 1))
 
     @property
@@ -234,16 +259,76 @@ class Trainer:
         xb = self.next_batch()
         if self.kind.on_step is not None:
             self.kind.on_step(self.module, self.step, s)
-        bf16 = s.get("autocast", "none") == "bf16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        lr = learning_rate(float(s["lr"]), self.step, int(s.get("warmup") or 0))
+        if self.compiled is not None:  # loss, backward, clipping and update: one compiled call
+            loss = self._compiled_step(xb, lr)  # (so the loss is read after its update)
+            self.pending.append(loss)
+            if len(self.pending) >= self.sync_every:
+                self.flush()
+            self.step += 1
+            return loss
+        with self._autocast():
             loss = self.step_module(xb)
         self.pending.append(loss.detach())
         if len(self.pending) >= self.sync_every:
             self.flush()  # on the CPU every step, before the update it would make
-        lr = learning_rate(float(s["lr"]), self.step, int(s.get("warmup") or 0))
         update(self.optimizer, self.params, loss, float(s["clip_norm"]), lr)
         self.step += 1
         return loss.detach()
+
+    def _autocast(self) -> Any:
+        """``torch.autocast`` to bfloat16 with ``--autocast bf16``, nothing otherwise."""
+        bf16 = self.settings.get("autocast", "none") == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def _compile(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The whole training step as one ``torch.compile``'d function of the batch (the
+        kind's :attr:`~ModelKind.train_loss`, its backward pass, the clipping and Adam's
+        update); ``None``, said in the log, where the step cannot be compiled."""
+        s, loss_fn = self.settings, self.kind.train_loss
+        if loss_fn is None or self.ctx.distributed:
+            why = (f"{self.kind.name} has no train_loss" if loss_fn is None
+                   else "several processes average gradients in backward")
+            self.progress.say(f"--compile: the step runs eagerly ({why})")
+            return None
+        module, optimizer, params = self.module, self.optimizer, self.params
+        clip = float(s["clip_norm"])
+
+        def step(xb: torch.Tensor) -> torch.Tensor:  # (the gradients were set to None)
+            with self._autocast():
+                loss = loss_fn(module, xb, s)
+            loss.backward()
+            clip_per_tensor(params, clip)
+            optimizer.step()
+            return loss.detach()
+
+        mode = str(s.get("compile_mode") or "auto")
+        if mode == "auto":
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        self.compile_mode = mode
+        return torch.compile(step, mode=None if mode == "default" else mode)
+
+    def _compiled_step(self, xb: torch.Tensor, lr: float) -> torch.Tensor:
+        """One compiled step at rate ``lr``. The rate is a tensor the compiled update reads
+        (a Python number would be a constant of the compiled code, recompiled at every
+        step of the warm-up); the first call compiles, and its time is logged."""
+        for group in self.optimizer.param_groups:
+            if not isinstance(group["lr"], torch.Tensor):  # (a checkpoint's state holds floats)
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            group["lr"].fill_(lr)
+        self.optimizer.zero_grad(set_to_none=True)  # outside: torch.compile will not trace it
+        if self.compile_mode == "reduce-overhead":  # a new step of the CUDA graphs
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.compile_seconds is not None:
+            # a copy: a CUDA graph's output is overwritten by its next replay, and the loss
+            # waits in `pending` for the read-back
+            return self.compiled(xb).clone()  # type: ignore[misc]
+        start = time.perf_counter()
+        loss = self.compiled(xb).clone()  # type: ignore[misc]
+        self.compile_seconds = time.perf_counter() - start
+        self.progress.say(f"--compile: the first step (compilation, mode {self.compile_mode}) took "
+                          f"{self.compile_seconds:.1f} s")
+        return loss
 
     def flush(self) -> None:
         """Read the pending losses back: check them, feed the progress figure."""
@@ -314,7 +399,8 @@ class Trainer:
         return {"steps": self.step, "total_steps": self.total_steps, "best": self.best_summary,
                 "best_step": self.best_step, "last": self.history[-1] if self.history else {},
                 "history": self.history, "out_dir": None if self.out is None else str(self.out),
-                "module": self.module, "kind": self.kind.name, "settings": dict(self.settings)}
+                "module": self.module, "kind": self.kind.name, "settings": dict(self.settings),
+                "compile_seconds": self.compile_seconds}
 
     # ------------------------------------------------------------------ the loop
     def run(self, callback: Callable[[Trainer], None] | None = None, every: int = 1,

@@ -18,7 +18,7 @@ from torch import nn
 from ..data import SPLITS
 from .kind import ModelKind
 
-__all__ = ["split_seed", "per_example_metrics", "summarize", "module_device"]
+__all__ = ["split_seed", "generator", "per_example_metrics", "summarize", "module_device"]
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -29,6 +29,19 @@ def split_seed(seed: int, split: str) -> int:
     (1234, 1235, 1239)
     """
     return 1234 + 3 * seed + SPLITS.index(split)
+
+
+def generator(device: str | torch.device, seed: int) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed``: every random draw the engine
+    makes on a batch (dequantization, binarisation) uses one on the batch's device, since a
+    draw on a GPU tensor refuses a CPU generator. On the CPU this is the generator the
+    engine always used, so CPU runs draw the same numbers as before.
+
+    >>> generator("cpu", 0).device, torch.equal(torch.rand(3, generator=generator("cpu", 0)),
+    ...                                         torch.rand(3, generator=torch.Generator().manual_seed(0)))
+    (device(type='cpu'), True)
+    """
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -46,13 +59,13 @@ def per_example_metrics(
 ) -> dict[str, torch.Tensor]:
     """The kind's metrics of every example of ``x`` (a split's raw data), in eval mode and
     without gradients, prepared with a generator seeded by :func:`split_seed` ``(seed,
-    split)`` (or ``generator_seed``); returns ``{name: tensor of shape (N,)}`` on the CPU.
-    The module's mode is restored."""
+    split)`` (or ``generator_seed``) on the module's device; returns ``{name: tensor of
+    shape (N,)}`` on the CPU, read back once. The module's mode is restored."""
     fixed = split_seed(seed, split) if generator_seed is None else generator_seed
     was_training = module.training
     module.eval()
-    gen = torch.Generator().manual_seed(fixed)
     device = module_device(module)
+    gen = generator(device, fixed)  # draws on the module's device
     parts: dict[str, list[torch.Tensor]] = {}
     devices = [device] if device.type == "cuda" else []
     try:
@@ -61,10 +74,10 @@ def per_example_metrics(
             for i in range(0, x.shape[0], batch_size):
                 xb = kind.prepare(module, x[i : i + batch_size].to(device), gen)
                 for name, v in kind.metrics(module, xb).items():
-                    parts.setdefault(name, []).append(v.detach().reshape(-1).cpu())
+                    parts.setdefault(name, []).append(v.detach().reshape(-1))
     finally:
         module.train(was_training)
-    return {name: torch.cat(v) for name, v in parts.items()}
+    return {name: torch.cat(v).cpu() for name, v in parts.items()}  # one read at the end
 
 
 def summarize(values: Mapping[str, torch.Tensor]) -> dict[str, float]:

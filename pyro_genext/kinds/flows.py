@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from pyro.infer import Trace_ELBO
 from ..data import Dataset
 from ..engine.kind import ModelKind
 from ..engine.settings import nonneg_float, positive_int
-from ..engine.validation import per_example_metrics, summarize
+from ..engine.validation import module_device, per_example_metrics, summarize
 from ..flows import IMAGE_INPUT_BOUND, nice, realnvp
 from ..metrics import bits_per_dim
 from ..models import FlowDensity
@@ -133,8 +134,17 @@ def prepare(m: Any, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     dequantization draw from ``generator`` (in training, ``model`` dequantizes itself)."""
     x = x.reshape((x.shape[0],) + tuple(m.event_shape))
     if m.levels is not None and not m.training:
-        x = x + torch.rand(x.shape, generator=generator).to(x)
+        x = x + torch.rand(x.shape, generator=generator, device=x.device).to(x.dtype)
     return x
+
+
+def train_loss(m: Any, x: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """The training loss per example without Pyro's tracing (``--compile``): minus the
+    log-likelihood of the batch, dequantized as :meth:`FlowDensity.model
+    <pyro_genext.models.FlowDensity.model>` dequantizes it, summed and divided by the
+    batch size, as ``Trace_ELBO`` with the empty guide computes it."""
+    noise = m.levels is not None and m.dequantize and m.training
+    return -m.log_prob(x, dequantize=noise).sum() / x.shape[0]
 
 
 def metrics(m: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -174,6 +184,8 @@ def sample(m: Any, data: Dataset, args: argparse.Namespace) -> list[Path]:
     from ..plots import save_samples
 
     torch.manual_seed(args.seed)
+    if len(data.event_shape) != 3 and module_device(m).type != "cpu":
+        m = copy.deepcopy(m).cpu()  # the scatter scores a grid of host points under the density
     save_samples(m, data, args.num, args.out)
     return [Path(args.out)]
 
@@ -185,7 +197,7 @@ def _kind(name: str, summary: str, add: Any) -> ModelKind:
         loss=lambda s: Trace_ELBO(), metrics=metrics, evaluate=evaluate, sample=sample,
         prepare=prepare, initialize=initialize, default_threads=1, progress=progress,
         default_warmup=FLOW_WARMUP,
-        check_data=check_data,
+        check_data=check_data, train_loss=train_loss,
     )
 
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +70,7 @@ from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from ..data import Dataset, binarize, intensities
 from ..engine.kind import ModelKind
 from ..engine.settings import nonneg_float, nonneg_int, positive_float, positive_int
-from ..engine.validation import per_example_metrics, split_seed
+from ..engine.validation import generator, module_device, per_example_metrics, split_seed
 from ..models import VAE, ImportanceWeightedELBO, kl_warmup_weight
 
 __all__ = ["build", "loss", "prepare", "VAE_KIND"]
@@ -187,6 +188,39 @@ def prepare(m: Any, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return intensities(x, levels)
 
 
+def train_loss(m: Any, x: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    r"""The training loss per example of :func:`loss` without Pyro's tracing
+    (``--compile``), the same estimator from the VAE's own distributions: with ``K`` draws
+    :math:`z_k \sim q(z \mid x)` and the KL weight :math:`\beta`,
+
+    * ``iwae``: :math:`-\log \frac1K \sum_k w_k`, :math:`w_k = p(x, z_k) / q(z_k \mid x)`;
+    * ``elbo``, Gaussian posterior and prior (``TraceMeanField_ELBO``):
+      :math:`-\frac1K \sum_k \log p(x \mid z_k) + \beta\,\mathrm{KL}(q \| p)` in
+      closed form, plus the free-bits shortfall :math:`\beta \sum_j
+      \max(0, \lambda - \overline{\mathrm{KL}}_j)`;
+    * ``elbo`` with a flow (``Trace_ELBO``): :math:`-\frac1K \sum_k [\log p(x \mid z_k) +
+      \beta (\log p(z_k) - \log q(z_k \mid x))]`;
+
+    averaged over the batch."""
+    iwae = s.get("objective", "elbo") == "iwae"
+    k = int(s.get("particles") or (5 if iwae else 1))
+    if iwae:
+        return -(torch.logsumexp(m.log_weights(x, k), 0) - math.log(k)).mean()
+    beta = m.kl_weight
+    if m.flow is None and m.prior_flow is None:
+        q = m.posterior(x)
+        z = q.rsample((k,))
+        ll = m.likelihood_dist(z).log_prob(x).mean(0)
+        kl = torch.distributions.kl_divergence(q.base_dist, m.prior(x.shape[:1]).base_dist)
+        loss = -(ll - beta * kl.sum(-1)).mean()
+        if m.free_bits > 0:
+            loss = loss + beta * torch.relu(m.free_bits - kl.mean(0)).sum()
+        return loss
+    z, log_q = m._rsample_and_log_q(x, k)
+    log_p = m.prior(z.shape[:-1]).log_prob(z)
+    return -(m.likelihood_dist(z).log_prob(x) + beta * (log_p - log_q)).mean()
+
+
 def on_step(m: Any, step: int, s: dict[str, Any]) -> None:
     """Before each training step: the KL weight of ``--kl-warmup`` for this step
     (:func:`~pyro_genext.models.vae.kl_warmup_weight`, a function of the step alone)."""
@@ -260,19 +294,20 @@ def sample(m: Any, data: Dataset, args: argparse.Namespace) -> list[Path]:
             f"pyro-genext sample draws image grids; this VAE models vectors of shape {m.input_shape}"
         )
     paths = [save_image_grid(m.sample(args.num, mean=True), out, title="samples (decoder means)")]
-    gen = torch.Generator().manual_seed(split_seed(args.settings["seed"], data.split or "test"))
+    device = module_device(m)  # the images go where the model is; the draws are made there
+    gen = generator(device, split_seed(args.settings["seed"], data.split or "test"))
     cols = min(8, args.num, len(data))
     rows = max(1, min(args.num, len(data)) // (2 * cols))
     was = m.training
     m.eval()
-    x = prepare(m, data.x[: rows * cols], gen)
+    x = prepare(m, data.x[: rows * cols].to(device), gen)
     rec = m.reconstruct(x)
     grid = (rows, cols) + x.shape[1:]
     pairs = torch.stack([x.reshape(grid), rec.reshape(grid)], 1).reshape((-1,) + x.shape[1:])
     paths.append(save_image_grid(pairs, out.with_name(f"{out.stem}_reconstructions.png"), ncol=cols,
                                  title="test images (odd rows) and their reconstructions"))
     if getattr(args, "latent", False):
-        xs = prepare(m, data.x, gen)
+        xs = prepare(m, data.x.to(device), gen)
         z = torch.cat([m.encode(xs[i : i + 500]) for i in range(0, len(xs), 500)])
         paths.append(save_latent_scatter(z, out.with_name(f"{out.stem}_latent.png"), data.y,
                                          title="latent means of the test set"))
@@ -297,4 +332,5 @@ VAE_KIND = ModelKind(
     progress=progress,
     on_step=on_step,
     check_settings=check_settings,
+    train_loss=train_loss,
 )
