@@ -177,3 +177,45 @@ def test_mutants_fail(targets, mutant):
         model = pyro.poutine.block(targets[name].model, hide=[model])
     assert score_check(targets[name], num_draws=2000).passed
     assert not score_check(targets[name], num_draws=2000, model=model).passed
+
+
+# ------------------------------------------------------------------ the benchmark
+@needs_db
+def test_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    """benchmarks/posteriordb.py on one small posterior with tiny settings: records with
+    finite scores, a rerun that skips what is done, NUTS records and the tables."""
+    import importlib
+    import json
+    import logging
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    main = importlib.import_module("posteriordb").main
+    level = logging.getLogger("pyro").level
+    out = tmp_path / "r.json"
+    common = ["--root", str(ROOT), "--posteriors", "mesquite-logmesquite_logvolume", "--seeds", "0",
+              "--json", str(out)]
+    fits = common + ["--guides", "AutoMultivariateNormal", "AutoRealNVP", "--loops", "fit", "svi",
+                     "--steps", "5", "--num-samples", "50"]
+
+    def run(args):
+        assert main(args) == 0
+        return capsys.readouterr().out
+
+    try:
+        assert run(fits).count('"posterior"') == 4
+        records = json.loads(out.read_text())["records"]
+        assert {(r["guide"], r["loop"]) for r in records} == {
+            (g, lp) for g in ("AutoMultivariateNormal", "AutoRealNVP") for lp in ("fit", "svi")}
+        for r in records:
+            assert "error" not in r
+            assert all(math.isfinite(r[k]) for k in ("mean_err_u", "sd_err_c", "iw_elbo"))
+        assert run(fits).count('"posterior"') == 0  # resumed: nothing left to fit
+        run(common + ["--nuts", "--nuts-warmup", "30", "--nuts-samples", "30"])
+        nuts = [r for r in json.loads(out.read_text())["records"] if r["loop"] == "nuts"]
+        assert len(nuts) == 1 and isinstance(nuts[0]["passed"], bool)
+        table = run(["--table", str(out)])
+    finally:
+        logging.getLogger("pyro").setLevel(level)
+    assert "## mesquite-logmesquite_logvolume" in table and "NUTS against the reference" in table
+    assert "AutoRealNVP against the others" in table
