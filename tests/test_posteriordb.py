@@ -61,11 +61,23 @@ def test_env_var_and_bad_names(monkeypatch):
     assert list_posteriors() == list_posteriors(ROOT / "posterior_database")
     with pytest.raises(ValueError, match="no posterior 'arK'.*ported: arK-arK"):
         load_posterior("arK")
-    unported = list_posteriors(ported=False)
-    assert len(PORTED) + len(unported) == len(list_posteriors())
-    assert not is_ported(unported[0])
-    with pytest.raises(ValueError, match="has no Pyro port"):
-        load_posterior(unported[0])
+
+
+def test_unported_posterior(tmp_path):
+    """A posterior whose Stan program has no port is listed as such and refused by name."""
+    import json
+    import zipfile
+
+    (tmp_path / "posteriors").mkdir()
+    (tmp_path / "posteriors" / "d-m.json").write_text(json.dumps({"model_name": "m", "data_name": "d"}))
+    draws = tmp_path / "reference_posteriors" / "draws" / "draws"
+    draws.mkdir(parents=True)
+    with zipfile.ZipFile(draws / "d-m.json.zip", "w") as z:
+        z.writestr("d-m.json", json.dumps([{"a": [0.0]}]))
+    assert list_posteriors(tmp_path) == ["d-m"] and list_posteriors(tmp_path, ported=False) == ["d-m"]
+    assert list_posteriors(tmp_path, ported=True) == [] and not is_ported("d-m", tmp_path)
+    with pytest.raises(ValueError, match="'d-m' \\(Stan program 'm'\\) has no Pyro port"):
+        load_posterior("d-m", tmp_path)
 
 
 @needs_db
@@ -114,7 +126,7 @@ def test_hmm_forward_against_enumeration():
 @pytest.mark.parametrize("name", PORTED)
 def test_score_identities(targets, name):
     """Under the reference draws the score has mean 0 and E[u g^T] = -I (|z| < 5)."""
-    check = score_check(targets[name], num_draws=2000)
+    check = score_check(targets[name], num_draws=1000)
     assert check.passed, (check.max_z, check.names)
 
 
@@ -175,8 +187,8 @@ def test_mutants_fail(targets, mutant):
     name, model = MUTANTS[mutant]
     if isinstance(model, str):  # a factor of the port, left out
         model = pyro.poutine.block(targets[name].model, hide=[model])
-    assert score_check(targets[name], num_draws=2000).passed
-    assert not score_check(targets[name], num_draws=2000, model=model).passed
+    assert score_check(targets[name], num_draws=1000).passed
+    assert not score_check(targets[name], num_draws=1000, model=model).passed
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -211,7 +223,7 @@ def test_benchmark_smoke(tmp_path, monkeypatch, capsys):
             assert "error" not in r
             assert all(math.isfinite(r[k]) for k in ("mean_err_u", "sd_err_c", "iw_elbo"))
         assert run(fits).count('"posterior"') == 0  # resumed: nothing left to fit
-        run(common + ["--nuts", "--nuts-warmup", "30", "--nuts-samples", "30"])
+        run(common + ["--nuts", "--nuts-warmup", "10", "--nuts-samples", "10"])
         nuts = [r for r in json.loads(out.read_text())["records"] if r["loop"] == "nuts"]
         assert len(nuts) == 1 and isinstance(nuts[0]["passed"], bool)
         table = run(["--table", str(out)])

@@ -363,6 +363,102 @@ def _hmm_drive(emission: str) -> Callable[[Data], tuple[Callable[..., None], tup
     return build
 
 
+# ------------------------------------------------------------------ ODE models
+def rk4(f: Callable[[float, torch.Tensor], torch.Tensor], y0: torch.Tensor, t0: float,
+        times: torch.Tensor, max_step: float, knots: tuple[float, ...] = ()) -> torch.Tensor:
+    r"""Solve :math:`y' = f(t, y)`, :math:`y(t_0) = y_0` by the classical fixed-step
+    Runge-Kutta method of order 4; returns :math:`y` at ``times`` (increasing, after
+    ``t0``), shape ``(..., len(times), dim)``. Between consecutive points of ``times`` and
+    ``knots`` (extra points to step through, e.g. a fine grid where the solution turns
+    fast) the steps are equal and at most ``max_step`` long. Vectorised: ``y0`` and ``f``
+    may carry any batch dims; differentiable by autograd.
+
+    Example (:math:`y' = -y`: :math:`y(1) = e^{-1}`)::
+
+        >>> y = rk4(lambda t, y: -y, torch.ones(1, dtype=torch.float64), 0.0,
+        ...         torch.tensor([1.0]), max_step=0.1)
+        >>> abs(float(y[0, 0]) - math.exp(-1)) < 1e-6
+        True
+    """
+    wanted = [float(t) for t in times]
+    out, y, t = [], y0, float(t0)
+    for t1 in sorted(set(wanted) | {k for k in knots if k > t0}):
+        n = max(1, math.ceil((t1 - t) / max_step - 1e-9))
+        h = (t1 - t) / n
+        for _ in range(n):
+            k1 = f(t, y)
+            k2 = f(t + h / 2, y + h / 2 * k1)
+            k3 = f(t + h / 2, y + h / 2 * k2)
+            k4 = f(t + h, y + h * k3)
+            y = y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            t += h
+        t = t1
+        if t1 in wanted:
+            out.append(y)
+    return torch.stack(out, -2)
+
+
+def _lotka_volterra(d: Data) -> tuple[Callable[..., None], tuple[Any, ...]]:
+    r"""Predator and prey: ``theta = (alpha, beta, gamma, delta) > 0`` with factors
+    ``normal(1, 0.5)`` on ``alpha``, ``gamma`` and ``normal(0.05, 0.05)`` on ``beta``,
+    ``delta``; ``z_init ~ lognormal(log 10, 1)``, ``sigma ~ lognormal(-1, 1)``; the
+    populations ``z`` solve :math:`u' = (\alpha - \beta v) u`, :math:`v' = (-\gamma +
+    \delta u) v` from ``z_init`` at time 0; ``y_init ~ lognormal(log z_init, sigma)``,
+    ``y[:, k] ~ lognormal(log z[:, k], sigma[k])``. Stan's RK45 (tolerance 1e-5 relative)
+    is replaced by :func:`rk4` with steps of 0.1 (largest relative error 2e-6 against
+    SciPy at tolerance 1e-11, over 20 reference draws)."""
+    def model(ts: torch.Tensor, y_init: torch.Tensor, y: torch.Tensor) -> None:
+        theta = _flat("theta", constraints.positive, y, (4,))
+        prior = dist.Normal(torch.tensor([1.0, 0.05, 1.0, 0.05], dtype=y.dtype),
+                            torch.tensor([0.5, 0.05, 0.5, 0.05], dtype=y.dtype))
+        pyro.factor("theta_prior", prior.log_prob(theta).sum(-1))
+        z_init = pyro.sample("z_init", dist.LogNormal(torch.full((2,), math.log(10.0), dtype=y.dtype),
+                                                      1.0).to_event(1))
+        sigma = pyro.sample("sigma", dist.LogNormal(torch.full((2,), -1.0, dtype=y.dtype), 1.0).to_event(1))
+        a, b, g, e = (theta[..., i] for i in range(4))
+
+        def f(t: float, z: torch.Tensor) -> torch.Tensor:
+            u, v = z[..., 0], z[..., 1]
+            return torch.stack([(a - b * v) * u, (-g + e * u) * v], -1)
+
+        z = rk4(f, z_init, 0.0, ts, 0.1)
+        pyro.sample("y_init", dist.LogNormal(torch.log(z_init), sigma).to_event(1), obs=y_init)
+        pyro.sample("y", dist.LogNormal(torch.log(z), sigma[..., None, :]).to_event(2), obs=y)
+
+    return model, (d["ts"], d["y_init"], d["y"])
+
+
+def _one_comp(d: Data) -> tuple[Callable[..., None], tuple[Any, ...]]:
+    r"""One compartment, first-order absorption, Michaelis-Menten elimination:
+    ``k_a, K_m, V_m, sigma ~ cauchy(0, 1)`` on :math:`(0, \infty)`;
+    :math:`C' = e^{-k_a t} D k_a / V - (V_m / V)\, C / (K_m + C)`, :math:`C(t_0) = 0`;
+    ``C_hat ~ lognormal(log C, sigma)``. Stan's BDF solver is replaced by :func:`rk4`
+    with steps of 0.1 after a geometric grid over the first half day (25 points from
+    5e-7), where a small ``K_m`` makes the start stiff: largest relative error 8e-7
+    against SciPy's LSODA at tolerance 1e-11 over 23 reference draws (those with the
+    smallest ``K_m``, the largest ``V_m`` and ``k_a`` among them). The program's dose is 0
+    at exactly :math:`t = 0`, a single point that does not change the solution."""
+    t0 = float(d["t0"])
+    knots = tuple((t0 + 0.5 * torch.logspace(-6, 0, 25, dtype=torch.float64)).tolist())
+
+    def model(times: torch.Tensor, c_hat: torch.Tensor, dose: torch.Tensor, volume: torch.Tensor) -> None:
+        one = torch.tensor(1.0, dtype=c_hat.dtype)
+        k_a = pyro.sample("k_a", dist.HalfCauchy(one))
+        k_m = pyro.sample("K_m", dist.HalfCauchy(one))
+        v_m = pyro.sample("V_m", dist.HalfCauchy(one))
+        sigma = pyro.sample("sigma", dist.HalfCauchy(one))
+
+        def f(t: float, c: torch.Tensor) -> torch.Tensor:
+            x = c[..., 0]
+            absorbed = torch.exp(-k_a * (t - t0)) * dose * k_a / volume
+            return (absorbed - v_m / volume * x / (k_m + x))[..., None]
+
+        conc = rk4(f, torch.zeros(k_a.shape + (1,), dtype=c_hat.dtype), t0, times, 0.1, knots)[..., 0]
+        pyro.sample("C_hat", dist.LogNormal(torch.log(conc), sigma[..., None]).to_event(1), obs=c_hat)
+
+    return model, (d["times"], d["C_hat"], d["D"], d["V"])
+
+
 # ------------------------------------------------------------------ the registry
 Builder = Callable[[Data], tuple[Callable[..., None], tuple[Any, ...]]]
 
@@ -399,6 +495,8 @@ PORTS: dict[str, Builder] = {
     "hmm_example": _hmm_example,
     "hmm_drive_0": _hmm_drive("exponential"),
     "hmm_drive_1": _hmm_drive("normal"),
+    "lotka_volterra": _lotka_volterra,
+    "one_comp_mm_elim_abs": _one_comp,
 }
 """The ported Stan programs, by posteriordb model name: each builds ``(model, args)``
 from the posterior's data."""
@@ -564,8 +662,9 @@ def load_posterior(name: str, root: str | os.PathLike[str] | None = None,
 
 # ------------------------------------------------------------------ densities and checks
 def latent_sites(model: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, dict[str, Any]]:
-    """The model's latent sample sites (of one unguided run), in the order it samples them."""
-    with torch.no_grad(), pyro.poutine.block():
+    """The model's latent sample sites (of one unguided run, without validation: the
+    values of a :class:`FlatPrior` may make an ODE blow up), in the order it samples them."""
+    with torch.no_grad(), pyro.poutine.block(), pyro.validation_enabled(False):
         tr = pyro.poutine.trace(model).get_trace(*args)
     return {k: s for k, s in tr.nodes.items()
             if s["type"] == "sample" and not s["is_observed"]}
