@@ -47,11 +47,12 @@ import torch
 from pyro.distributions import constraints
 from torch.distributions import biject_to, transform_to
 
+from ..data import DatasetNotFoundError
 from .targets import Target
 
 __all__ = [
-    "ENV_VAR", "FlatPrior", "PosteriorDBTarget", "PORTS", "ScoreCheck", "is_ported",
-    "list_posteriors", "load_posterior", "log_density", "score_check",
+    "ENV_VAR", "FlatPrior", "PosteriorDBNotFoundError", "PosteriorDBTarget", "PORTS", "ScoreCheck",
+    "is_ported", "list_posteriors", "load_posterior", "log_density", "score_check",
 ]
 
 ENV_VAR = "PYRO_GENEXT_POSTERIORDB"
@@ -509,18 +510,22 @@ transformed parameter), computed from the stored ones."""
 
 
 # ------------------------------------------------------------------ reading the folder
+class PosteriorDBNotFoundError(DatasetNotFoundError, ValueError):
+    """No posteriordb folder given, or none where one was named."""
+
+
 def _database(root: str | os.PathLike[str] | None) -> Path:
     if root is None:
         root = os.environ.get(ENV_VAR)
         if not root:
-            raise ValueError(
+            raise PosteriorDBNotFoundError(
                 f"posteriordb: no folder given: pass root= (a clone of posteriordb or its "
                 f"posterior_database folder) or set the environment variable {ENV_VAR}")
     path = Path(root)
     for p in (path / "posterior_database", path):
         if (p / "posteriors").is_dir():
             return p
-    raise ValueError(f"posteriordb: expected a folder holding posteriors/ (a posteriordb clone "
+    raise PosteriorDBNotFoundError(f"posteriordb: expected a folder holding posteriors/ (a posteriordb clone "
                      f"or its posterior_database folder), got {str(path)!r}")
 
 
@@ -602,10 +607,11 @@ def _data(raw: dict[str, Any], dtype: torch.dtype) -> Data:
 
 @dataclass
 class PosteriorDBTarget(Target):
-    """A :class:`~pyro_genext.infer.targets.Target` read from posteriordb.
+    """A :class:`~pyro_genext.infer.targets.Target` read from posteriordb: ``model``,
+    ``args``, ``mean`` and ``sd`` (constrained) and ``ref_mean`` and ``ref_sd``
+    (unconstrained) as there, the moments estimated from the reference draws; and:
 
-    Attributes (besides ``Target``'s: ``model``, ``args``, and ``mean``/``sd`` (constrained),
-    ``ref_mean``/``ref_sd`` (unconstrained), here estimated from the reference draws):
+    Attributes:
         draws: the reference draws by site name, each ``(draws,) + site shape``,
             constrained values as given (plus any :data:`DERIVED` site).
         ess: the smallest bulk effective sample size over the reference's parameters.
