@@ -563,8 +563,8 @@ def _database(root: str | os.PathLike[str] | None) -> Path:
     for p in (path / "posterior_database", path):
         if (p / "posteriors").is_dir():
             return p
-    raise PosteriorDBNotFoundError(f"posteriordb: expected a folder holding posteriors/ (a posteriordb clone "
-                     f"or its posterior_database folder), got {str(path)!r}")
+    raise PosteriorDBNotFoundError(f"posteriordb: expected a folder holding posteriors/ (a posteriordb "
+                                   f"clone or its posterior_database folder), got {str(path)!r}")
 
 
 def _read_json(path: Path) -> Any:
