@@ -241,8 +241,10 @@ COLUMNS = [("elbo", ".3f"), ("iw_elbo", ".3f"), ("khat", ".2f"), ("mean_err", ".
            ("steps_run", ".0f")]
 
 
-def table(records: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    cols = [(c, f) for c, f in COLUMNS if columns is None or c in columns]
+def table(records: list[dict[str, Any]], columns: list[str] | None = None,
+          spec: list[tuple[str, str]] = COLUMNS) -> str:
+    """One table per target; ``spec``: the (column, format) pairs to choose from."""
+    cols = [(c, f) for c, f in spec if columns is None or c in columns]
     lines = []
     for tname in dict.fromkeys(r["target"] for r in records):
         rows = [r for r in records if r["target"] == tname]

@@ -1,0 +1,285 @@
+"""Guides on the posteriordb posteriors, scored against their reference draws.
+
+For each ported posterior (:mod:`pyro_genext.infer.posteriordb`), guide, loop and seed:
+one fit, by ``fit_guide`` (loop ``fit``) or the plain ``SVI`` loop of
+``benchmarks/posteriors.py`` (loop ``svi``; the loops, guides and guide specs
+``Name:key=value`` are that script's). Scores, from ``--num-samples`` guide draws:
+
+* ``mean_err_u`` / ``sd_err_u``: over every **unconstrained** coordinate, the mean of
+  :math:`|m - m_{ref}| / sd_{ref}` and of :math:`|sd / sd_{ref} - 1|`, against the 10,000
+  reference draws mapped by ``biject_to(support).inv``; ``mean_err_c`` / ``sd_err_c``: the
+  same in the constrained space (the values as posteriordb gives them);
+* ``elbo`` (mean log weight), ``iw_elbo`` (:math:`\\log\\frac1N\\sum w_n`), ``khat``
+  (Pareto k-hat of the weights), ``seconds`` (wall time of the fit), ``steps_run``.
+
+Each fit is one record of the ``--json`` file, written atomically as soon as it ends;
+fits already there are skipped, so a killed sweep resumes::
+
+    python benchmarks/posteriordb.py --steps 4000 --seeds 0 1 2 \\
+        --json benchmarks/results/posteriordb_4000steps.json
+    python benchmarks/posteriordb.py --table benchmarks/results/posteriordb_4000steps.json
+
+``--nuts``: instead of guides, a short Pyro NUTS run per posterior (and seed), checked
+against the reference: every unconstrained mean within 0.1 reference sd, every sd
+within 10 %.
+
+The posteriordb folder: ``--root``, else ``$PYRO_GENEXT_POSTERIORDB``, else
+``../shared/posteriordb`` beside this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from posteriors import GUIDES, LOOPS, make_guide, unconstrained  # benchmarks/posteriors.py
+from posteriors import table as posteriors_table
+from pyro.infer import MCMC, NUTS
+
+from pyro_genext.diagnostics import _log_evidence, _psis, importance_samples
+from pyro_genext.infer.posteriordb import (
+    ENV_VAR,
+    PosteriorDBTarget,
+    latent_sites,
+    list_posteriors,
+    load_posterior,
+)
+
+DEFAULT_GUIDES = ["AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoNICE", "AutoRealNVP"]
+KEY = ("posterior", "guide", "loop", "seed", "steps")
+
+
+def default_root() -> Path:
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    return Path(__file__).resolve().parents[2] / "shared" / "posteriordb"
+
+
+# ------------------------------------------------------------------ scoring
+def _flat(draws: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    return torch.cat([draws[k].reshape(draws[k].shape[0], -1) for k in names], 1)
+
+
+def reference_moments(target: PosteriorDBTarget) -> dict[str, torch.Tensor]:
+    """Means and sds of the reference draws, unconstrained (``_u``) and constrained (``_c``),
+    coordinates in sorted site order."""
+    sites = latent_sites(target.model, target.args)
+    names = sorted(sites)
+    u = unconstrained({k: target.draws[k].double() for k in names}, sites, names)
+    c = _flat({k: target.draws[k].double() for k in names}, names)
+    return {"mean_u": u.mean(0), "sd_u": u.std(0), "mean_c": c.mean(0), "sd_c": c.std(0)}
+
+
+def moment_errors(u: torch.Tensor, c: torch.Tensor, ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    out = {}
+    for space, x in (("u", u), ("c", c)):
+        m, sd = ref[f"mean_{space}"], ref[f"sd_{space}"]
+        out[f"mean_err_{space}"] = float(((x.mean(0) - m).abs() / sd).mean())
+        out[f"sd_err_{space}"] = float((x.std(0) / sd - 1).abs().mean())
+        out[f"mean_err_{space}_max"] = float(((x.mean(0) - m).abs() / sd).max())
+        out[f"sd_err_{space}_max"] = float((x.std(0) / sd - 1).abs().max())
+    return out
+
+
+def score(target: PosteriorDBTarget, guide: Any, ref: dict[str, torch.Tensor],
+          num_samples: int) -> dict[str, Any]:
+    s = importance_samples(target.model, guide, *target.args, num_samples=num_samples,
+                           max_simultaneous=min(num_samples, 2000))
+    lw = s.log_weights.double()
+    _, khat = _psis(lw)
+    names = sorted(k for k in s.draws if k in s.sites and not s.sites[k]["infer"].get("_deterministic"))
+    u = unconstrained(s.draws, s.sites, names).double()
+    c = _flat(s.draws, names).double()
+    return {"elbo": float(lw.mean()), "iw_elbo": _log_evidence(lw).value, "khat": khat,
+            **moment_errors(u, c, ref)}
+
+
+def fit_one(target: PosteriorDBTarget, spec: str, loop: str, steps: int, seed: int,
+            ref: dict[str, torch.Tensor], num_samples: int) -> dict[str, Any]:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = make_guide(spec, target.model)
+    t0 = time.perf_counter()
+    losses, ran = LOOPS[loop](target, guide, steps)
+    out: dict[str, Any] = {"seconds": time.perf_counter() - t0, "steps_run": ran,
+                           "final_loss": statistics.mean(losses[-100:]),
+                           "finite": all(math.isfinite(v) for v in losses)}
+    out.update(score(target, guide, ref, num_samples))
+    return out
+
+
+def nuts_one(target: PosteriorDBTarget, seed: int, warmup: int, samples: int,
+             ref: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A short NUTS run (dense mass matrix); passes if every unconstrained mean is within
+    0.1 reference sd and every sd within 10 %."""
+    pyro.set_rng_seed(seed)
+    mcmc = MCMC(NUTS(target.model, full_mass=True), num_samples=samples, warmup_steps=warmup,
+                disable_progbar=True)
+    t0 = time.perf_counter()
+    mcmc.run(*target.args)
+    seconds = time.perf_counter() - t0
+    draws = mcmc.get_samples()
+    sites = latent_sites(target.model, target.args)
+    names = sorted(sites)
+    u = unconstrained(draws, sites, names).double()
+    c = _flat(draws, names).double()
+    out: dict[str, Any] = {"seconds": seconds, "warmup": warmup, "samples": samples}
+    out.update(moment_errors(u, c, ref))
+    out["passed"] = out["mean_err_u_max"] < 0.1 and out["sd_err_u_max"] < 0.1
+    return out
+
+
+# ------------------------------------------------------------------ the records
+def load_records(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.exists():
+        return []
+    return list(json.loads(path.read_text())["records"])
+
+
+def save_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Atomic: a killed run leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"records": records}, indent=1))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ tables
+COLUMNS = [("mean_err_u", ".3f"), ("sd_err_u", ".3f"), ("mean_err_c", ".3f"), ("sd_err_c", ".3f"),
+           ("elbo", ".2f"), ("iw_elbo", ".2f"), ("khat", ".2f"), ("seconds", ".0f"), ("steps_run", ".0f")]
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    fits = [r for r in records if r["loop"] != "nuts"]
+    lines = [posteriors_table([{**r, "target": r["posterior"], "reference": "posteriordb"} for r in fits],
+                              spec=COLUMNS)] if fits else []
+    nuts = [r for r in records if r["loop"] == "nuts"]
+    if nuts:
+        lines.append("\n## NUTS against the reference (max over coordinates, unconstrained)")
+        lines.append(f"{'posterior':48s} {'seed':>4s} {'mean_err':>9s} {'sd_err':>9s} "
+                     f"{'seconds':>8s}  passed")
+        for r in nuts:
+            if "error" in r:
+                lines.append(f"{r['posterior']:48s} {r['seed']:>4d} error: {r['error']}")
+                continue
+            lines.append(f"{r['posterior']:48s} {r['seed']:>4d} {r['mean_err_u_max']:9.3f} "
+                         f"{r['sd_err_u_max']:9.3f} {r['seconds']:8.0f}  {r['passed']}")
+    lines.append(summary(fits))
+    return "\n".join(lines)
+
+
+def summary(fits: list[dict[str, Any]], ours: str = "AutoRealNVP", base: str = "AutoMultivariateNormal",
+            loop: str = "fit") -> str:
+    """The issue's targets for ``ours`` against ``base`` (both by ``loop``), posterior by
+    posterior: best or tied on moment errors (within the seed-to-seed half-range), IW-ELBO
+    at least ``base``'s, median wall time at most 2x."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in fits:
+        if r["loop"] == loop and "error" not in r:
+            by.setdefault((r["posterior"], r["guide"]), []).append(r)
+    posts = sorted({p for p, g in by if g == ours} & {p for p, g in by if g == base})
+    if not posts:
+        return ""
+
+    def stat(p: str, g: str, c: str) -> tuple[float, float]:
+        v = [r[c] for r in by[(p, g)]]
+        return statistics.mean(v), (max(v) - min(v)) / 2
+
+    lines = [f"\n## {ours} against the others, loop {loop} (per posterior: err = mean_err_u + sd_err_u)",
+             f"{'posterior':48s} {'best/tied':>9s} {'vs ' + base[:4]:>9s} {'d_iwelbo':>9s} {'khat_b':>7s} "
+             f"{'t ratio':>8s}"]
+    best_count, ratios, gains_high_k = 0, [], []
+    for p in posts:
+        e = {g: stat(p, g, "mean_err_u")[0] + stat(p, g, "sd_err_u")[0] for (q, g) in by if q == p}
+        spread = {g: stat(p, g, "mean_err_u")[1] + stat(p, g, "sd_err_u")[1] for (q, g) in by if q == p}
+        best = min(e.values())
+        tied = e[ours] <= best + spread[ours] + spread[min(e, key=e.__getitem__)]
+        worse = e[ours] > e[base] + spread[ours] + spread[base]
+        best_count += tied
+        d_iw = stat(p, ours, "iw_elbo")[0] - stat(p, base, "iw_elbo")[0]
+        k_b = stat(p, base, "khat")[0]
+        if k_b > 0.7:
+            gains_high_k.append(d_iw)
+        ratio = stat(p, ours, "seconds")[0] / stat(p, base, "seconds")[0]
+        ratios.append(ratio)
+        lines.append(f"{p:48s} {str(tied):>9s} {'worse' if worse else 'ok':>9s} {d_iw:9.2f} {k_b:7.2f} "
+                     f"{ratio:8.2f}")
+    gain = (f"{statistics.median(gains_high_k):.2f} over {len(gains_high_k)}" if gains_high_k
+            else "none")
+    lines.append(f"best or tied on {best_count}/{len(posts)} ({100 * best_count / len(posts):.0f} %); "
+                 f"median time ratio {statistics.median(ratios):.2f}; "
+                 f"median IW-ELBO gain where {base} k-hat > 0.7: {gain}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=None, help="the posteriordb folder")
+    p.add_argument("--posteriors", nargs="+", default=None, help="default: every ported one")
+    p.add_argument("--guides", nargs="+", default=DEFAULT_GUIDES,
+                   help=f"guide specs, Name or Name:key=value,... (names: {', '.join(GUIDES)})")
+    p.add_argument("--loops", nargs="+", default=["fit", "svi"], choices=list(LOOPS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--num-samples", type=int, default=10000, help="guide draws per evaluation")
+    p.add_argument("--nuts", action="store_true", help="NUTS against the reference instead of guides")
+    p.add_argument("--nuts-warmup", type=int, default=500)
+    p.add_argument("--nuts-samples", type=int, default=1000)
+    p.add_argument("--json", type=Path, default=None, help="records, one per fit, resumable")
+    p.add_argument("--table", type=Path, nargs="+", default=None, help="print the tables of records files")
+    a = p.parse_args(argv)
+    if a.table:
+        print(table([r for path in a.table for r in load_records(path)]))
+        return 0
+    torch.set_num_threads(1)
+    logging.getLogger("pyro").setLevel(logging.WARNING)  # not the ELBO's guess of max_plate_nesting
+    root = a.root or default_root()
+    ported = list_posteriors(root, ported=True)
+    posts = a.posteriors or ported
+    unknown = [n for n in posts if n not in ported]
+    if unknown:
+        p.error(f"not ported: {unknown}; ported: {ported}")
+    unknown_guides = [g for g in a.guides if g.partition(":")[0] not in GUIDES]
+    if unknown_guides:
+        p.error(f"unknown guides {unknown_guides}; expected names among {list(GUIDES)}")
+    records = load_records(a.json)
+    done = {tuple(r[k] for k in KEY) for r in records}
+    for name in posts:
+        target = load_posterior(name, root)
+        ref = reference_moments(target)
+        jobs: list[tuple[str, str, int]] = (
+            [("NUTS", "nuts", s) for s in a.seeds] if a.nuts
+            else [(g, lp, s) for g in a.guides for lp in a.loops for s in a.seeds])
+        for spec, loop, seed in jobs:
+            steps = a.nuts_samples if loop == "nuts" else a.steps
+            key = (name, spec, loop, seed, steps)
+            if key in done:
+                continue
+            rec: dict[str, Any] = dict(zip(KEY, key))
+            try:
+                if loop == "nuts":
+                    rec.update(nuts_one(target, seed, a.nuts_warmup, a.nuts_samples, ref))
+                else:
+                    rec.update(fit_one(target, spec, loop, a.steps, seed, ref, a.num_samples))
+            except (ValueError, RuntimeError) as e:  # a diverged fit is a result too
+                rec["error"] = str(e).splitlines()[0][:200]
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+            if a.json:
+                save_records(a.json, records)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
