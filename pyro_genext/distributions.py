@@ -13,6 +13,8 @@ nothing; a sample the flow has just returned is still served from its cache (a g
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyro.distributions as dist
 import torch
 
@@ -41,6 +43,22 @@ class FlowDistribution(dist.TransformedDistribution):
         True
     """
 
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        """Pyro's ``sample``: a base draw pushed through every transform without
+        gradients. A normal base (``Normal``, or ``Normal`` under ``Independent``, torch's
+        or Pyro's classes exactly) is drawn as ``torch.normal`` draws it, standard normal
+        values then ``* scale + loc`` in place, which gives the same bits from the same
+        random stream, without ``torch.normal``'s scan of ``scale`` for a negative value
+        (the distribution's own validation checks ``scale``; on a GPU that scan waits
+        for the device)."""
+        with torch.no_grad():
+            x = _normal_draw(self.base_dist, sample_shape)
+            if x is None:
+                x = self.base_dist.sample(sample_shape)
+            for t in self.transforms:
+                x = t(x)
+            return x
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
@@ -58,3 +76,21 @@ class FlowDistribution(dist.TransformedDistribution):
             y = x
         base = sum_rightmost(self.base_dist.log_prob(y), event_dim - len(self.base_dist.event_shape))
         return log_prob + base
+
+
+_NORMALS = (torch.distributions.Normal, dist.Normal)
+_INDEPENDENTS = (torch.distributions.Independent, dist.Independent)
+
+
+def _normal_draw(d: torch.distributions.Distribution, sample_shape: Any) -> torch.Tensor | None:
+    """``d.sample(sample_shape)`` for a normal ``d`` (``None`` for any other), as
+    ``torch.normal(loc, scale)`` computes it: ``normal_(0, 1)``, ``mul_(scale)``,
+    ``add_(loc)``."""
+    inner = d
+    while type(inner) in _INDEPENDENTS:
+        inner = inner.base_dist  # type: ignore[attr-defined]
+    if type(inner) not in _NORMALS:
+        return None
+    loc, scale = inner.loc, inner.scale  # type: ignore[attr-defined]
+    shape = d._extended_shape(torch.Size(sample_shape))
+    return torch.randn(shape, dtype=loc.dtype, device=loc.device).mul_(scale).add_(loc)

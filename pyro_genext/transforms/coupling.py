@@ -26,7 +26,7 @@ from torch import nn
 
 from ..nn import MLP, ConvResNet
 from .base import Bijector, FlowTransform, sum_rightmost
-from .elementwise import MAPS, NUM_PARAMS, Bound, check_bound, soft_clip
+from .elementwise import MAPS, NUM_PARAMS, Bound, affine_no_grad, check_bound, soft_clip
 
 __all__ = [
     "MaskedCoupling",
@@ -255,9 +255,8 @@ class MaskedCoupling(Bijector):
         else:
             xa, xb = self._split(x)
             params = self._params(xa, context, self._nb)
-            yb, ld = fn(xb, params, inverse, self.scale_bound)
+            yb, ladj = self._map(xb, params, inverse)
             y = self._join(xa, yb)
-            ladj = _forward_ladj(ld, ed, inverse)
         if ladj is None:
             ladj = y.new_zeros(y.shape[: y.dim() - ed])
         return y, ladj
@@ -269,9 +268,22 @@ class MaskedCoupling(Bijector):
         context): returns the two output halves and the log-det (``None`` if zero)."""
         a, b = (lo, hi) if self._a_first else (hi, lo)
         params = self._params(a, None, self._nb)
-        yb, ld = MAPS[self.elementwise](b, params, inverse, self.scale_bound)
-        ladj = _forward_ladj(ld, self._event_dim, inverse)
+        yb, ladj = self._map(b, params, inverse)
         return (lo, yb, ladj) if self._a_first else (yb, hi, ladj)
+
+    def _map(
+        self, xb: torch.Tensor, params: Any, inverse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The element-wise map on the transformed part and its forward log-det, summed
+        over the event (``None`` if zero). Without gradients (sampling, evaluation) a
+        bounded affine map writes into its own fresh tensors (:func:`affine_no_grad`,
+        the same bits in fewer passes over new memory)."""
+        if (self.elementwise == "affine" and self.scale_bound is not None
+                and not torch.is_grad_enabled()):
+            yb, total = affine_no_grad(xb, params, inverse, self.scale_bound, self._event_dim)
+            return yb, (-total if inverse else total)
+        yb, ld = MAPS[self.elementwise](xb, params, inverse, self.scale_bound)
+        return yb, _forward_ladj(ld, self._event_dim, inverse)
 
     def _forward_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._couple(x, None, inverse=False)
