@@ -33,6 +33,13 @@ How to read :math:`\hat k` (Yao et al. 2018):
   tails, a missing mode or funnel neck); do not trust its moments, nor the evidence
   estimate and its standard error, which are then dominated by draws never seen.
 
+Devices: every function runs where the model's data and the guide's parameters live (a
+GPU included). The tensors of :class:`ImportanceSamples` and :class:`ResampledPosterior`
+stay on that device; :func:`to_inference_data` returns host (numpy) arrays, as ArviZ
+needs, and the figures (:class:`LogEvidence`, :func:`pareto_khat`, :class:`Diagnosis`)
+are Python floats. The one host copy the PSIS step needs (ArviZ works in numpy) is made
+explicitly, and its weights go back to the device.
+
 What :math:`\hat k` cannot see: mass the guide never proposes. A Gaussian guide sitting
 on one of two well-separated modes has nearly constant weights on the draws it makes, so
 its :math:`\hat k` is low (0.30 and 0.33 for ``AutoNormal`` and
@@ -78,6 +85,12 @@ def _arviz() -> Any:
         import arviz
 
     return arviz
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A float64 numpy copy of ``t``, wherever it lives (``Tensor.numpy`` refuses a tensor
+    on an accelerator)."""
+    return t.detach().to("cpu", torch.float64).numpy().copy()
 
 
 def _check_num(name: str, value: int, least: int) -> int:
@@ -270,8 +283,7 @@ def pareto_khat(log_weights: torch.Tensor | np.ndarray) -> float:
         >>> pareto_khat(lw) < 0.5
         True
     """
-    lw = torch.as_tensor(log_weights).double().reshape(-1).numpy()
-    _, k = _arviz().psislw(lw.copy())
+    _, k = _arviz().psislw(_host(torch.as_tensor(log_weights).reshape(-1)))
     return float(k)
 
 
@@ -300,8 +312,9 @@ class ResampledPosterior:
 
 
 def _psis(lw: torch.Tensor) -> tuple[torch.Tensor, float]:
-    smoothed, k = _arviz().psislw(lw.double().numpy().copy())
-    return torch.as_tensor(np.exp(smoothed)), float(k)
+    """PSIS-smoothed self-normalised weights (float64, on ``lw``'s device) and k-hat."""
+    smoothed, k = _arviz().psislw(_host(lw))
+    return torch.from_numpy(np.exp(smoothed)).to(lw.device), float(k)
 
 
 def importance_resample(

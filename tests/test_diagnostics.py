@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -170,3 +171,78 @@ def test_an_error_of_the_model_itself_is_not_blamed_on_vectorisation():
     with pytest.raises(ValueError, match="nan") as info:
         diagnose(conjugate, gaussian_guide(), bad, num_samples=100, verbose=False)
     assert "vectoris" not in str(info.value)
+
+
+# ------------------------------------------------ on an accelerator (issue 22)
+def refuse_implicit_host_copies(monkeypatch):
+    """Make every tensor behave, as far as numpy goes, like one on an accelerator:
+    ``Tensor.numpy`` (and so ``np.asarray(tensor)``) refuses a tensor that did not come
+    straight out of ``.cpu()`` or ``.to("cpu", ...)``, as torch refuses a cuda tensor
+    ("can't convert cuda:0 device type tensor to numpy"). A CPU-only build cannot make
+    cuda tensors that Pyro runs on (``FakeTensorMode`` has no values, and Pyro's validation
+    and ArviZ need them), so this is how a CPU test sees a missing host copy."""
+    numpy, cpu, to = torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.to
+
+    def host_copy(t):
+        t = t.view_as(t)  # a new tensor object: the one copied from stays "on the device"
+        t._host_copy = True
+        return t
+
+    def checked_numpy(self, *args, **kwargs):
+        if not getattr(self, "_host_copy", False):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy "
+                            "(simulated: no .cpu() before .numpy())")
+        return numpy(self, *args, **kwargs)
+
+    def checked_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        target = args[0] if args and isinstance(args[0], (str, torch.device)) else kwargs.get("device")
+        return host_copy(out) if target is not None and torch.device(target).type == "cpu" else out
+
+    monkeypatch.setattr(torch.Tensor, "numpy", checked_numpy)
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: host_copy(cpu(self, *a, **k)))
+    monkeypatch.setattr(torch.Tensor, "to", checked_to)
+    with pytest.raises(TypeError, match="cuda"):  # the check itself works
+        torch.zeros(2).double().numpy()
+    assert torch.zeros(2).cpu().numpy().shape == (2,)
+
+
+def _every_public_function(seed):
+    """Each public function of diagnostics on the conjugate model, each from ``seed``."""
+    guide = gaussian_guide(0.2, 1.3)
+    out = {}
+    pyro.set_rng_seed(seed)
+    s = importance_samples(conjugate, guide, Y, num_samples=300)
+    out["log_weights"] = s.log_weights
+    out["khat"] = pareto_khat(s.log_weights)
+    pyro.set_rng_seed(seed)
+    out["log_evidence"] = log_evidence(conjugate, guide, Y, num_samples=300)
+    pyro.set_rng_seed(seed)
+    r = importance_resample(conjugate, guide, Y, num_samples=300, num_draws=100)
+    assert r.weights.device == r.draws["mu"].device == r.weighted["mu"].device == Y.device
+    out["resample"] = (r.weights, r.draws["mu"], r.mean()["mu"], r.ess, r.khat)
+    pyro.set_rng_seed(seed)
+    d = diagnose(conjugate, guide, Y, num_samples=300, verbose=False)
+    out["diagnose"] = (d.elbo, d.log_evidence, d.khat, d.ess)
+    pyro.set_rng_seed(seed)
+    idata = to_inference_data(conjugate, guide, Y, num_samples=300, max_simultaneous=200,
+                              posterior_predictive=True)
+    out["idata"] = (idata.posterior["mu"].values, idata.posterior_predictive["y"].values,
+                    idata.sample_stats["log_weight"].values)
+    return out
+
+
+def test_every_public_function_works_without_implicit_host_copies(monkeypatch):
+    """Issue 22: ``diagnose`` on cuda data failed in the PSIS step (``lw.double().numpy()``);
+    so would ``importance_resample`` and ``pareto_khat`` of device weights. Each must make
+    its host copies explicitly, and give the same figures as without the check (so the
+    check ran the real computation)."""
+    plain = _every_public_function(seed=3)
+    refuse_implicit_host_copies(monkeypatch)
+    checked = _every_public_function(seed=3)
+    assert plain["khat"] == plain["diagnose"][2] == plain["resample"][4] < 0.7
+    for key, a in plain.items():
+        b = checked[key]
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            same = torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(x, y)
+            assert same, key
