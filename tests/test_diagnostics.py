@@ -4,6 +4,7 @@ known to be good or bad, importance resampling, and the ArviZ export."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -18,6 +19,7 @@ from pyro_genext.diagnostics import (
     importance_samples,
     log_evidence,
     pareto_khat,
+    pareto_khat_sd,
     to_inference_data,
 )
 from pyro_genext.infer import AutoRealNVP
@@ -108,13 +110,13 @@ def test_to_inference_data_names_dims_and_groups():
     idata = to_inference_data(schools, guide, sigma, y, num_samples=200, posterior_predictive=True)
     post = idata.posterior
     assert set(post.data_vars) == {"mu", "tau", "w", "theta", "shifted"}
-    assert post["theta"].dims == ("chain", "draw", "school") and post["theta"].shape == (1, 200, 4)
+    assert post["theta"].dims == ("chain", "draw", "school") and post["theta"].shape == (4, 50, 4)
     assert post["shifted"].dims == ("chain", "draw", "school")
-    assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["mu"].shape == (1, 200)
+    assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["mu"].shape == (4, 50)
     assert (post["tau"] > 0).all()  # constrained values
     assert idata.observed_data["obs"].dims == ("school",)
     assert (idata.observed_data["obs"].values == y.numpy()).all()
-    assert idata.posterior_predictive["obs"].shape == (1, 200, 4)
+    assert idata.posterior_predictive["obs"].shape == (4, 50, 4)
     # replicates vary around theta, not copies of the data
     assert idata.posterior_predictive["obs"].std() > 5
     stats = idata.sample_stats
@@ -145,8 +147,8 @@ def test_to_inference_data_in_chunks_with_posterior_predictive():
     guide = gaussian_guide()
     idata = to_inference_data(conjugate, guide, Y, num_samples=60, max_simultaneous=25,
                               posterior_predictive=True)
-    assert idata.posterior["mu"].shape == (1, 60)
-    assert idata.posterior_predictive["y"].shape == (1, 60, N)
+    assert idata.posterior["mu"].shape == (4, 15)
+    assert idata.posterior_predictive["y"].shape == (4, 15, N)
 
 
 def not_vectorised(y):
@@ -246,3 +248,85 @@ def test_every_public_function_works_without_implicit_host_copies(monkeypatch):
         for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             same = torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(x, y)
             assert same, key
+
+
+# ------------------------------------------------ R-hat, weighted moments (issue 23)
+def test_rhat_of_the_exported_draws_is_defined_and_one():
+    """One chain made ``az.summary`` report R-hat NaN with a shape warning; the draws are now
+    split into chains, and for independent draws R-hat is 1 up to noise."""
+    az = pytest.importorskip("arviz")
+    idata = to_inference_data(conjugate, gaussian_guide(0.3, 0.8), Y, num_samples=1000)
+    assert idata.posterior["mu"].shape == (4, 250)
+    assert idata.sample_stats["log_weight"].shape == (4, 250)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = az.summary(idata, var_names=["mu"])
+    rhat, ess = float(summary.loc["mu", "r_hat"]), float(summary.loc["mu", "ess_bulk"])
+    # one chain of 1000 (the old layout): r_hat NaN. 100 seeds of this: 0.997 to 1.008
+    assert abs(rhat - 1) < 0.01 and 700 < ess < 1300, summary
+    # the draws in order: chain c holds draws c * 250 .. (c + 1) * 250 - 1 of one sample
+    pyro.set_rng_seed(5)
+    idata = to_inference_data(conjugate, gaussian_guide(), Y, num_samples=12, num_chains=3)
+    pyro.set_rng_seed(5)
+    s = importance_samples(conjugate, gaussian_guide(), Y, num_samples=12)
+    assert np.array_equal(idata.posterior["mu"].values, s.draws["mu"].numpy().reshape(3, 4))
+    with pytest.raises(ValueError, match="multiple of num_chains=4.*got 10"):
+        to_inference_data(conjugate, gaussian_guide(), Y, num_samples=10)
+    with pytest.raises(ValueError, match="num_chains to be an integer >= 1"):
+        to_inference_data(conjugate, gaussian_guide(), Y, num_samples=10, num_chains=0)
+
+
+def test_weighted_sd_and_quantiles_match_an_independent_computation():
+    """``sd`` and ``quantiles`` of :class:`ResampledPosterior` against NumPy's weighted
+    covariance and weighted inverse-CDF quantiles, on a scalar and a vector site."""
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0])
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0])
+    r = importance_resample(schools, AutoNormal(schools, init_scale=0.5), sigma, y, num_samples=500)
+    w = r.weights.numpy()
+    probs = [0.0, 0.05, 0.5, 0.95, 1.0]
+    sd, q = r.sd(), r.quantiles(probs)
+    for name in ["mu", "tau", "theta", "w"]:
+        x = r.weighted[name].double().numpy().reshape(500, -1)
+        for j in range(x.shape[1]):
+            var = np.cov(x[:, j], aweights=w, bias=True)
+            assert math.isclose(sd[name].reshape(-1)[j], math.sqrt(var), rel_tol=1e-4), name
+            expected = np.quantile(x[:, j], probs, weights=w, method="inverted_cdf")
+            assert np.allclose(q[name].reshape(len(probs), -1)[:, j].double().numpy(), expected,
+                               rtol=1e-6), (name, j)
+        assert q[name].shape == (len(probs),) + r.weighted[name].shape[1:]
+    for bad in [[], [1.5], "0.5", 0.5, [True]]:
+        with pytest.raises(ValueError, match="probs"):
+            r.quantiles(bad)
+
+
+def test_weighted_sd_and_quantiles_move_to_the_exact_posterior():
+    guide = gaussian_guide(0.25, 1.5)
+    r = importance_resample(conjugate, guide, Y, num_samples=4000)
+    sd = math.sqrt(POST_VAR)
+    assert abs(float(r.weighted["mu"].std()) - sd) > 0.15  # the guide's own sd is off
+    assert abs(float(r.sd()["mu"]) - sd) < 0.03
+    exact = torch.distributions.Normal(POST_MEAN, sd).icdf(torch.tensor([0.05, 0.5, 0.95]))
+    assert torch.allclose(r.quantiles([0.05, 0.5, 0.95])["mu"], exact, atol=0.06)
+
+
+def test_khat_sd_estimates_how_far_khat_moves_between_seeds():
+    """k-hat's own noise: the bootstrap standard deviation of one set of draws against the
+    standard deviation of k-hat over 40 independent sets (a guide with k-hat near 0.6)."""
+    guide = gaussian_guide(0.3 * math.sqrt(POST_VAR), 0.6)
+    ks, sds = [], []
+    for seed in range(40):
+        pyro.set_rng_seed(seed)
+        lw = importance_samples(conjugate, guide, Y, num_samples=1000).log_weights
+        ks.append(pareto_khat(lw))
+        if seed < 5:
+            sds.append(pareto_khat_sd(lw))
+    spread = float(np.std(ks, ddof=1))
+    assert 0.4 < float(np.mean(ks)) < 0.8 and 0.05 < spread < 0.3, (np.mean(ks), spread)
+    assert 0.6 < float(np.mean(sds)) / spread < 1.6, (sds, spread)
+    assert pareto_khat_sd(lw) == pareto_khat_sd(lw.numpy())  # a function of the weights
+    d = diagnose(conjugate, guide, Y, num_samples=1000, verbose=False)
+    assert 0.05 < d.khat_sd < 0.3 and f"+- {d.khat_sd:.2f}" in str(d)
+    r = importance_resample(conjugate, guide, Y, num_samples=1000)
+    assert 0.05 < r.khat_sd < 0.3
+    with pytest.raises(ValueError, match="num_resamples"):
+        pareto_khat_sd(lw, num_resamples=1)
