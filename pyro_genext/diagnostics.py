@@ -121,6 +121,8 @@ class ImportanceSamples:
         draws: the model's latent sites (constrained values), each ``(N,) + site shape``.
         sites: the model's latent sites of the prototype trace (names to trace nodes).
         observed: the model's observed sites (names to trace nodes).
+
+    Every tensor lives where the model ran (its data's and the guide's device).
     """
 
     log_p: torch.Tensor
