@@ -10,7 +10,7 @@ DEMO_OUT ?= runs/demo
 # thread per test); TEST_WORKERS=0 runs in one process
 TEST_WORKERS ?= auto
 
-.PHONY: install demo test test-fast lint docs bench clean
+.PHONY: install demo test test-random test-fast lint docs bench clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,11 +25,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m pyro_genext.demo --out $(DEMO_OUT)
 
+# CI's order: pytest-randomly (a dev dependency) is off; `make test-random` turns it on,
+# shuffling the order (it prints the seed; `--randomly-seed=N` repeats an order)
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:randomly -n $(TEST_WORKERS)
+
+test-random: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -p no:randomly -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pyro_genext tests tutorials benchmarks

@@ -4,7 +4,9 @@ known to be good or bad, importance resampling, and the ArviZ export."""
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -17,6 +19,7 @@ from pyro_genext.diagnostics import (
     importance_samples,
     log_evidence,
     pareto_khat,
+    pareto_khat_sd,
     to_inference_data,
 )
 from pyro_genext.infer import AutoRealNVP
@@ -107,13 +110,13 @@ def test_to_inference_data_names_dims_and_groups():
     idata = to_inference_data(schools, guide, sigma, y, num_samples=200, posterior_predictive=True)
     post = idata.posterior
     assert set(post.data_vars) == {"mu", "tau", "w", "theta", "shifted"}
-    assert post["theta"].dims == ("chain", "draw", "school") and post["theta"].shape == (1, 200, 4)
+    assert post["theta"].dims == ("chain", "draw", "school") and post["theta"].shape == (4, 50, 4)
     assert post["shifted"].dims == ("chain", "draw", "school")
-    assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["mu"].shape == (1, 200)
+    assert post["w"].dims == ("chain", "draw", "w_dim_0") and post["mu"].shape == (4, 50)
     assert (post["tau"] > 0).all()  # constrained values
     assert idata.observed_data["obs"].dims == ("school",)
     assert (idata.observed_data["obs"].values == y.numpy()).all()
-    assert idata.posterior_predictive["obs"].shape == (1, 200, 4)
+    assert idata.posterior_predictive["obs"].shape == (4, 50, 4)
     # replicates vary around theta, not copies of the data
     assert idata.posterior_predictive["obs"].std() > 5
     stats = idata.sample_stats
@@ -144,8 +147,8 @@ def test_to_inference_data_in_chunks_with_posterior_predictive():
     guide = gaussian_guide()
     idata = to_inference_data(conjugate, guide, Y, num_samples=60, max_simultaneous=25,
                               posterior_predictive=True)
-    assert idata.posterior["mu"].shape == (1, 60)
-    assert idata.posterior_predictive["y"].shape == (1, 60, N)
+    assert idata.posterior["mu"].shape == (4, 15)
+    assert idata.posterior_predictive["y"].shape == (4, 15, N)
 
 
 def not_vectorised(y):
@@ -170,3 +173,160 @@ def test_an_error_of_the_model_itself_is_not_blamed_on_vectorisation():
     with pytest.raises(ValueError, match="nan") as info:
         diagnose(conjugate, gaussian_guide(), bad, num_samples=100, verbose=False)
     assert "vectoris" not in str(info.value)
+
+
+# ------------------------------------------------ on an accelerator (issue 22)
+def refuse_implicit_host_copies(monkeypatch):
+    """Make every tensor behave, as far as numpy goes, like one on an accelerator:
+    ``Tensor.numpy`` (and so ``np.asarray(tensor)``) refuses a tensor that did not come
+    straight out of ``.cpu()`` or ``.to("cpu", ...)``, as torch refuses a cuda tensor
+    ("can't convert cuda:0 device type tensor to numpy"). A CPU-only build cannot make
+    cuda tensors that Pyro runs on (``FakeTensorMode`` has no values, and Pyro's validation
+    and ArviZ need them), so this is how a CPU test sees a missing host copy."""
+    numpy, cpu, to = torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.to
+
+    def host_copy(t):
+        t = t.view_as(t)  # a new tensor object: the one copied from stays "on the device"
+        t._host_copy = True
+        return t
+
+    def checked_numpy(self, *args, **kwargs):
+        if not getattr(self, "_host_copy", False):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy "
+                            "(simulated: no .cpu() before .numpy())")
+        return numpy(self, *args, **kwargs)
+
+    def checked_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        target = args[0] if args and isinstance(args[0], (str, torch.device)) else kwargs.get("device")
+        return host_copy(out) if target is not None and torch.device(target).type == "cpu" else out
+
+    monkeypatch.setattr(torch.Tensor, "numpy", checked_numpy)
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: host_copy(cpu(self, *a, **k)))
+    monkeypatch.setattr(torch.Tensor, "to", checked_to)
+    with pytest.raises(TypeError, match="cuda"):  # the check itself works
+        torch.zeros(2).double().numpy()
+    assert torch.zeros(2).cpu().numpy().shape == (2,)
+
+
+def _every_public_function(seed):
+    """Each public function of diagnostics on the conjugate model, each from ``seed``."""
+    guide = gaussian_guide(0.2, 1.3)
+    out = {}
+    pyro.set_rng_seed(seed)
+    s = importance_samples(conjugate, guide, Y, num_samples=300)
+    out["log_weights"] = s.log_weights
+    out["khat"] = pareto_khat(s.log_weights)
+    pyro.set_rng_seed(seed)
+    out["log_evidence"] = log_evidence(conjugate, guide, Y, num_samples=300)
+    pyro.set_rng_seed(seed)
+    r = importance_resample(conjugate, guide, Y, num_samples=300, num_draws=100)
+    assert r.weights.device == r.draws["mu"].device == r.weighted["mu"].device == Y.device
+    out["resample"] = (r.weights, r.draws["mu"], r.mean()["mu"], r.ess, r.khat)
+    pyro.set_rng_seed(seed)
+    d = diagnose(conjugate, guide, Y, num_samples=300, verbose=False)
+    out["diagnose"] = (d.elbo, d.log_evidence, d.khat, d.ess)
+    pyro.set_rng_seed(seed)
+    idata = to_inference_data(conjugate, guide, Y, num_samples=300, max_simultaneous=200,
+                              posterior_predictive=True)
+    out["idata"] = (idata.posterior["mu"].values, idata.posterior_predictive["y"].values,
+                    idata.sample_stats["log_weight"].values)
+    return out
+
+
+def test_every_public_function_works_without_implicit_host_copies(monkeypatch):
+    """Issue 22: ``diagnose`` on cuda data failed in the PSIS step (``lw.double().numpy()``);
+    so would ``importance_resample`` and ``pareto_khat`` of device weights. Each must make
+    its host copies explicitly, and give the same figures as without the check (so the
+    check ran the real computation)."""
+    plain = _every_public_function(seed=3)
+    refuse_implicit_host_copies(monkeypatch)
+    checked = _every_public_function(seed=3)
+    assert plain["khat"] == plain["diagnose"][2] == plain["resample"][4] < 0.7
+    for key, a in plain.items():
+        b = checked[key]
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            same = torch.equal(x, y) if isinstance(x, torch.Tensor) else np.array_equal(x, y)
+            assert same, key
+
+
+# ------------------------------------------------ R-hat, weighted moments (issue 23)
+def test_rhat_of_the_exported_draws_is_defined_and_one():
+    """One chain made ``az.summary`` report R-hat NaN with a shape warning; the draws are now
+    split into chains, and for independent draws R-hat is 1 up to noise."""
+    az = pytest.importorskip("arviz")
+    idata = to_inference_data(conjugate, gaussian_guide(0.3, 0.8), Y, num_samples=1000)
+    assert idata.posterior["mu"].shape == (4, 250)
+    assert idata.sample_stats["log_weight"].shape == (4, 250)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = az.summary(idata, var_names=["mu"])
+    rhat, ess = float(summary.loc["mu", "r_hat"]), float(summary.loc["mu", "ess_bulk"])
+    # one chain of 1000 (the old layout): r_hat NaN. 100 seeds of this: 0.997 to 1.008
+    assert abs(rhat - 1) < 0.01 and 700 < ess < 1300, summary
+    # the draws in order: chain c holds draws c * 250 .. (c + 1) * 250 - 1 of one sample
+    pyro.set_rng_seed(5)
+    idata = to_inference_data(conjugate, gaussian_guide(), Y, num_samples=12, num_chains=3)
+    pyro.set_rng_seed(5)
+    s = importance_samples(conjugate, gaussian_guide(), Y, num_samples=12)
+    assert np.array_equal(idata.posterior["mu"].values, s.draws["mu"].numpy().reshape(3, 4))
+    with pytest.raises(ValueError, match="multiple of num_chains=4.*got 10"):
+        to_inference_data(conjugate, gaussian_guide(), Y, num_samples=10)
+    with pytest.raises(ValueError, match="num_chains to be an integer >= 1"):
+        to_inference_data(conjugate, gaussian_guide(), Y, num_samples=10, num_chains=0)
+
+
+def test_weighted_sd_and_quantiles_match_an_independent_computation():
+    """``sd`` and ``quantiles`` of :class:`ResampledPosterior` against NumPy's weighted
+    covariance and weighted inverse-CDF quantiles, on a scalar and a vector site."""
+    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0])
+    y = torch.tensor([28.0, 8.0, -3.0, 7.0])
+    r = importance_resample(schools, AutoNormal(schools, init_scale=0.5), sigma, y, num_samples=500)
+    w = r.weights.numpy()
+    probs = [0.0, 0.05, 0.5, 0.95, 1.0]
+    sd, q = r.sd(), r.quantiles(probs)
+    for name in ["mu", "tau", "theta", "w"]:
+        x = r.weighted[name].double().numpy().reshape(500, -1)
+        for j in range(x.shape[1]):
+            var = np.cov(x[:, j], aweights=w, bias=True)
+            assert math.isclose(sd[name].reshape(-1)[j], math.sqrt(var), rel_tol=1e-4), name
+            expected = np.quantile(x[:, j], probs, weights=w, method="inverted_cdf")
+            assert np.allclose(q[name].reshape(len(probs), -1)[:, j].double().numpy(), expected,
+                               rtol=1e-6), (name, j)
+        assert q[name].shape == (len(probs),) + r.weighted[name].shape[1:]
+    for bad in [[], [1.5], "0.5", 0.5, [True]]:
+        with pytest.raises(ValueError, match="probs"):
+            r.quantiles(bad)
+
+
+def test_weighted_sd_and_quantiles_move_to_the_exact_posterior():
+    guide = gaussian_guide(0.25, 1.5)
+    r = importance_resample(conjugate, guide, Y, num_samples=4000)
+    sd = math.sqrt(POST_VAR)
+    assert abs(float(r.weighted["mu"].std()) - sd) > 0.15  # the guide's own sd is off
+    assert abs(float(r.sd()["mu"]) - sd) < 0.03
+    exact = torch.distributions.Normal(POST_MEAN, sd).icdf(torch.tensor([0.05, 0.5, 0.95]))
+    assert torch.allclose(r.quantiles([0.05, 0.5, 0.95])["mu"], exact, atol=0.06)
+
+
+def test_khat_sd_estimates_how_far_khat_moves_between_seeds():
+    """k-hat's own noise: the bootstrap standard deviation of one set of draws against the
+    standard deviation of k-hat over 40 independent sets (a guide with k-hat near 0.6)."""
+    guide = gaussian_guide(0.3 * math.sqrt(POST_VAR), 0.6)
+    ks, sds = [], []
+    for seed in range(40):
+        pyro.set_rng_seed(seed)
+        lw = importance_samples(conjugate, guide, Y, num_samples=1000).log_weights
+        ks.append(pareto_khat(lw))
+        if seed < 5:
+            sds.append(pareto_khat_sd(lw))
+    spread = float(np.std(ks, ddof=1))
+    assert 0.4 < float(np.mean(ks)) < 0.8 and 0.05 < spread < 0.3, (np.mean(ks), spread)
+    assert 0.6 < float(np.mean(sds)) / spread < 1.6, (sds, spread)
+    assert pareto_khat_sd(lw) == pareto_khat_sd(lw.numpy())  # a function of the weights
+    d = diagnose(conjugate, guide, Y, num_samples=1000, verbose=False)
+    assert 0.05 < d.khat_sd < 0.3 and f"+- {d.khat_sd:.2f}" in str(d)
+    r = importance_resample(conjugate, guide, Y, num_samples=1000)
+    assert 0.05 < r.khat_sd < 0.3
+    with pytest.raises(ValueError, match="num_resamples"):
+        pareto_khat_sd(lw, num_resamples=1)

@@ -78,3 +78,67 @@ def test_the_readme_snippets_choose_their_thread_count():
     sets one thread."""
     blocks = _readme_blocks(ROOT / "README.md")
     assert blocks and all("torch.set_num_threads(1)" in code for code in blocks)
+
+
+
+def _documented_objects() -> list[tuple[str, object]]:
+    """(where, object) for every top-level object the docs' autodoc directives document:
+    ``autoclass``/``autofunction``/``autodata`` their target; ``automodule`` nothing with
+    ``:no-members:``, else its ``:members:`` list, or its module's ``__all__``. As Sphinx
+    does it: while conf.py's ``autodoc_default_options`` turns ``members`` on (``True``),
+    a ``:members:`` list in a directive is replaced by that default, so the whole
+    ``__all__`` is documented whatever the list says."""
+    import importlib
+    import runpy
+
+    members_by_default = runpy.run_path(str(ROOT / "docs" / "conf.py")).get(
+        "autodoc_default_options", {}).get("members")
+
+    def resolve(path: str) -> object:
+        module, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError:  # a nested attribute (Class.method)
+            return getattr(resolve(module), name)
+
+    found = []
+    for rst in sorted((ROOT / "docs").rglob("*.rst")):
+        lines = rst.read_text().splitlines()
+        for i, line in enumerate(lines):
+            m = re.match(r"\.\. auto(module|class|function|data|exception):: (\S+)", line)
+            if not m:
+                continue
+            options, j = {}, i + 1
+            while j < len(lines) and lines[j].startswith("   :"):
+                key, _, value = lines[j].strip()[1:].partition(":")
+                while j + 1 < len(lines) and lines[j + 1].startswith("      "):  # continued
+                    j += 1
+                    value += " " + lines[j].strip()
+                options[key] = value.strip()
+                j += 1
+            where = f"{rst.relative_to(ROOT)}:{i + 1}"
+            if m.group(1) != "module":
+                found.append((where, resolve(m.group(2))))
+            elif "no-members" not in options and ("members" in options or members_by_default):
+                module = importlib.import_module(m.group(2))
+                listed = options.get("members") if members_by_default is not True else None
+                names = ([n.strip() for n in listed.split(",")] if listed
+                         else list(getattr(module, "__all__", [])))
+                found += [(where, getattr(module, n)) for n in names if n]
+    return found
+
+
+def test_no_model_is_documented_twice():
+    """FlowDensity was documented twice (issue 23): by an ``automodule`` of
+    ``pyro_genext.models.density``, which documents its ``__all__``, and by the
+    ``autoclass`` beside it. Each object of ``pyro_genext.models`` once."""
+    import pyro_genext.models
+
+    ours = {id(getattr(pyro_genext.models, n)) for n in pyro_genext.models.__all__}
+    seen: dict[int, str] = {}
+    twice = []
+    for where, obj in _documented_objects():
+        if id(obj) in ours and id(obj) in seen:
+            twice.append(f"{getattr(obj, '__qualname__', obj)}: {seen[id(obj)]} and {where}")
+        seen.setdefault(id(obj), where)
+    assert len(seen) > 100 and not twice, twice

@@ -585,3 +585,65 @@ def test_parameters_that_do_not_fit_are_refused_naming_both_versions():
             load_model_state(Gaussian(2, 1.0), {"model": model, "library_version": "0.0.9"})
         msg = str(e.value)
         assert f"({__version__})" in msg and "written by version 0.0.9" in msg and "\n" not in msg
+
+
+def _interrupted_in_last_validation():
+    """GAUSSIAN whose validation sends Ctrl-C (SIGINT) on its ``fire_at[0]``-th batch:
+    ``prepare`` counts the batches it sees in eval mode in ``seen[0]``."""
+    seen, fire_at = [0], [0]
+
+    def prepare(m, x, gen):
+        if not m.training:
+            seen[0] += 1
+            if seen[0] == fire_at[0]:
+                os.kill(os.getpid(), signal.SIGINT)
+        return x
+
+    return dataclasses.replace(GAUSSIAN, prepare=prepare), seen, fire_at
+
+
+def test_ctrl_c_in_the_final_validation_of_a_completed_run_is_not_an_interruption(tmp_path):
+    """Ctrl-C that lands while the last step's validation runs: the validation finishes,
+    last.pt holds the final step and the run returns its result (the command line then
+    exits 0 with its summary); before, it raised KeyboardInterrupt (exit 130, no summary)
+    although nothing was left to do."""
+    kind, seen, fire_at = _interrupted_in_last_validation()
+    # moons has 10,000 training points: an epoch is 4 steps, validations at steps 4 and 6
+    settings = {"data": "moons", "steps": 6, "batch_size": 2500, "lr": 0.05, "init_scale": 3.0}
+    straight = engine.fit(kind, settings, tmp_path / "a", progress=False, log=_quiet)
+    assert [h["step"] for h in straight["history"]] == [4, 6]
+    lines: list[str] = []
+    fire_at[0], seen[0] = seen[0], 0  # the last batch of the last validation
+    done = engine.fit(kind, settings, tmp_path / "b", progress=False, log=lines.append)
+    assert seen[0] == fire_at[0]  # the signal was sent
+    assert done["steps"] == 6 and done["history"] == straight["history"]
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"] == 6
+    assert any("complete" in line for line in lines), lines
+    # Ctrl-C in an earlier validation (step 4) still stops the run there
+    fire_at[0], seen[0] = 1, 0
+    with pytest.raises(KeyboardInterrupt):
+        engine.fit(kind, settings, tmp_path / "c", progress=False, log=_quiet)
+    assert torch.load(tmp_path / "c" / "last.pt", weights_only=False)["step"] == 4
+
+
+def test_a_nan_in_validation_names_the_checkpoint_to_resume_from(tmp_path):
+    armed = [False]
+
+    def metrics(m, x):
+        nll = -m.dist().log_prob(x)
+        return {"nll": nll * math.nan if armed[0] else nll}
+
+    def arm(trainer):  # after step 6: the validation of step 8 is NaN
+        armed[0] = trainer.step >= 6
+
+    kind = dataclasses.replace(GAUSSIAN, metrics=metrics)
+    # validations at steps 4 (last.pt), 8 (NaN); checkpoints every 3 steps: step 6 is the last
+    settings = {"data": "moons", "steps": 12, "batch_size": 2500, "init_scale": 1.0,
+                "checkpoint_every": 3}
+    with pytest.raises(FloatingPointError) as e:
+        engine.fit(kind, settings, tmp_path / "a", progress=False, log=_quiet, callback=arm)
+    msg = str(e.value)
+    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["step"]
+    assert msg.startswith("validation nll is nan at step 8") and saved == 6
+    assert f"the last checkpoint (step {saved}) is {tmp_path / 'a' / 'last.pt'}" in msg, msg
+    assert "--resume" in msg

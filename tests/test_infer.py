@@ -535,22 +535,29 @@ def test_fit_guide_bad_arguments():
 
 # ------------------------------------------------------------------ held-out targets
 def test_hierarchy_reference_by_quadrature_matches_importance_sampling():
-    from pyro_genext.infer.targets import _normal_hierarchy_reference
+    """The eight-schools target's exact moments (quadrature over log tau), through the
+    public target, against importance sampling from the prior."""
+    from pyro_genext.infer.targets import TARGETS
 
-    ybar, se = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.5, 2.0])
-    mean, sd = _normal_hierarchy_reference(ybar, se, mu_sd=2.0, tau_scale=1.0)
-    # independent answer: 2 x 10^6 prior draws weighted by the likelihood (ESS ~ 95000)
+    target = TARGETS["eight_schools"]()
+    sigma, y = (a.double() for a in target.args)
+    # independent answer: 2 x 10^6 prior draws weighted by the likelihood
     g = torch.Generator().manual_seed(0)
     n = 2_000_000
-    mu = 2.0 * torch.randn(n, generator=g, dtype=torch.float64)
-    tau = torch.tan(torch.rand(n, generator=g, dtype=torch.float64) * math.pi / 2)  # HalfCauchy(1)
-    theta = mu[:, None] + tau[:, None] * torch.randn(n, 3, generator=g, dtype=torch.float64)
-    w = torch.softmax(dist.Normal(theta, se.double()).log_prob(ybar.double()).sum(-1), 0)
+    mu = 5.0 * torch.randn(n, generator=g, dtype=torch.float64)
+    tau = 5.0 * torch.tan(torch.rand(n, generator=g, dtype=torch.float64) * math.pi / 2)  # HalfCauchy(5)
+    theta = mu[:, None] + tau[:, None] * torch.randn(n, 8, generator=g, dtype=torch.float64)
+    w = torch.softmax(dist.Normal(theta, sigma).log_prob(y).sum(-1), 0)
+    ess = float(1 / (w**2).sum())
+    assert ess > 20_000, ess
     for name, x in {"mu": mu[:, None], "tau": tau.log()[:, None], "theta": theta}.items():
         m = (w[:, None] * x).sum(0)
         s = ((w[:, None] * (x - m) ** 2).sum(0)).sqrt()
-        assert torch.allclose(m.float(), mean[name].reshape(-1), atol=0.02), (name, m, mean[name])
-        assert torch.allclose(s.float(), sd[name].reshape(-1), atol=0.02), (name, s, sd[name])
+        ref_m, ref_s = target.ref_mean[name].reshape(-1), target.ref_sd[name].reshape(-1)
+        # Monte Carlo error of the weighted moments: about sd / sqrt(ESS)
+        tol = 5 * s.float() / math.sqrt(ess)
+        assert ((m.float() - ref_m).abs() < tol).all(), (name, m, ref_m, tol)
+        assert ((s.float() - ref_s).abs() < tol).all(), (name, s, ref_s, tol)
 
 
 @pytest.mark.parametrize("name", ["unequal_groups", "gp", "horseshoe"])

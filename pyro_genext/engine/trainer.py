@@ -10,7 +10,8 @@ The loop, :meth:`Trainer.run`, reads at once::
         if the epoch ends or the budget is spent: validate()   # writes last.pt, best.pt
         elif step % checkpoint_every == 0: save last.pt
         every `every` steps: callback(trainer)
-        after Ctrl-C: save last.pt and stop
+        after Ctrl-C: save last.pt and stop (after the last step: nothing to stop, the
+                      run returns as if uninterrupted)
 
 Ctrl-C is taken at a step boundary (the first one ends the step in progress; a second
 interrupts at once), so the checkpoint it saves is the state between two steps and a
@@ -340,16 +341,22 @@ class Trainer:
         for value in values:
             self.read += 1
             if not math.isfinite(value):
-                where = ("" if self.out is None else
-                         "; no checkpoint was written" if self.saved_step is None else
-                         f"; the last checkpoint (step {self.saved_step}) is {self.out / 'last.pt'}")
-                raise FloatingPointError(f"training loss is {value} at step {self.read}{where}; "
-                                         f"try a lower --lr or --clip-norm")
+                raise FloatingPointError(f"training loss is {value} at step {self.read}"
+                                         f"{self._last_checkpoint()}; try a lower --lr or --clip-norm")
             self.last_loss = value
             name, shown = (self.kind.progress(self.module, value) if self.kind.progress is not None
                            else ("loss", value))
             figure = (name, self.running.add(shown))
         self.progress.steps(len(values), figure)
+
+    def _last_checkpoint(self) -> str:
+        """Where a failed run can be resumed from, for its error message."""
+        if self.out is None:
+            return ""
+        if self.saved_step is None:
+            return "; no checkpoint was written"
+        return (f"; the last checkpoint (step {self.saved_step}) is {self.out / 'last.pt'} "
+                "(--resume continues from it)")
 
     def scores(self, x: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The kind's per-example metrics of ``x`` (default: the validation split), as
@@ -371,7 +378,8 @@ class Trainer:
         summary = summarize(values)
         mean = summary[f"{first}_mean"]
         if not math.isfinite(mean):
-            raise FloatingPointError(f"validation {first} is {mean} at step {self.step}")
+            raise FloatingPointError(f"validation {first} is {mean} at step {self.step}"
+                                     f"{self._last_checkpoint()}")
         self.history.append({"step": self.step, "epoch": self.epoch, **summary})
         improved = mean < self.best
         if improved:
@@ -429,7 +437,10 @@ class Trainer:
                     if callback is not None and self.step % every == 0:
                         self.flush()
                         callback(self)
-                    if stop[0]:  # Ctrl-C, at a step boundary: the state is consistent
+                    if stop[0] and self.step == self.total_steps:  # e.g. in the last validation
+                        self.progress.say(f"Ctrl-C after the last step ({self.step}): the run is "
+                                          "complete and saved")
+                    elif stop[0]:  # Ctrl-C, at a step boundary: the state is consistent
                         if self.saved_step != self.step:
                             self.save()
                         raise KeyboardInterrupt
