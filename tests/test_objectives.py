@@ -245,6 +245,27 @@ def test_fit_guide_refuses_a_non_finite_gradient_before_the_update():
         assert torch.equal(v.detach(), before[k]), k
 
 
+def test_fit_guide_clips_finite_gradients_whose_norm_overflows_float32():
+    # each gradient 1e20 is finite; their float32 norm (sqrt of 2e40) is inf. Found on
+    # posteriordb's bball_drive_event_0 (AutoNICE at step 41, loss 2.5e19): the old check
+    # refused the step naming no parameter; the norm in float64 is finite and clips
+    from pyro_genext.infer import fit_guide
+
+    def model():
+        a = pyro.param("a", torch.tensor(0.0))
+        b = pyro.param("b", torch.tensor(0.0))
+        pyro.factor("f", 1e20 * (a + b))
+
+    def guide():
+        pass
+
+    result = fit_guide(model, guide, num_steps=1, lr=0.1, progress_bar=False)
+    assert result.num_steps == 1
+    store = pyro.get_param_store()
+    for name in "ab":  # Adam's first step: lr in the gradient's direction
+        assert float(store[name].detach()) == pytest.approx(0.1, rel=1e-4), name
+
+
 def test_fit_guide_learning_rate_never_falls_below_its_floor():
     from pyro_genext.infer import fit_guide
 

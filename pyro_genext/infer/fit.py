@@ -324,16 +324,23 @@ def fit_guide(
         optim.zero_grad(set_to_none=True)
         loss.backward()
         # clip_grad_norm_'s two halves, with the check between them
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
-        if not torch.isfinite(norm):  # before the update: no parameter is touched
-            bad = [names[id(p)] for p in params if p.grad is not None and not p.grad.isfinite().all()]
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        bad = [] if torch.isfinite(norm) else [
+            names[id(p)] for p in params if p.grad is not None and not p.grad.isfinite().all()]
+        if not bad and not torch.isfinite(norm):  # every gradient finite, only their norm
+            norm = torch.nn.utils.get_total_norm([g.double() for g in grads], foreach=True)
+        if bad:  # before the update: no parameter is touched
             listed = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
             optim.zero_grad(set_to_none=True)
             raise RuntimeError(f"fit_guide: the gradient is {float(norm)} at step {step} (the loss is "
                                f"finite, {value:.6g}) in {listed}: a derivative of the model or "
                                "guide is not finite there (e.g. torch.where with a NaN in the branch "
                                f"not taken); the parameters are as this step found them.{hint}")
-        if clip_norm is not None:
+        if clip_norm is not None and norm.dtype != grads[0].dtype:  # a norm past float32's range
+            for g in grads:
+                g.mul_(min(1.0, clip_norm / float(norm)))
+        elif clip_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm, foreach=True)
         rates.append(optim.param_groups[0]["lr"])
         optim.step()
