@@ -161,6 +161,7 @@ def fit_guide(
     min_improvement: float = 0.0,
     plateau_factor: float = 0.3,
     progress_bar: bool = True,
+    init: str | None = None,
     **kwargs: Any,
 ) -> FitResult:
     r"""Fit ``guide`` (and any ``pyro.param`` of ``model``) by stochastic variational
@@ -209,6 +210,18 @@ def fit_guide(
         stop_on_plateau, window, patience, min_improvement, plateau_factor: the
             stopping rule.
         progress_bar: show a ``tqdm`` bar with the smoothed loss.
+        init: where the guide starts. ``None``: where the guide's own
+            ``init_loc_fn`` and ``init_scale`` put it. ``"laplace"``: at the
+            posterior's mode with the Laplace approximation's covariance in its
+            affine stage (:func:`~pyro_genext.infer.init.laplace` then
+            :func:`~pyro_genext.infer.init.precondition`; a fresh ``AutoRealNVP``,
+            ``AutoNICE`` or ``AutoMultivariateNormal``); ``"map"``: at the mode with
+            the guide's own scale. Use ``"laplace"`` for models with flat priors
+            (``ImproperUniform``, which Pyro's initialisations cannot sample) or
+            coordinates on very different scales (measured in docs/real_models.rst).
+            It costs an L-BFGS run and a
+            Hessian (:math:`D` gradient evaluations) before the first step, and runs
+            the model as written (not for a model that subsamples its data).
 
     Example (a conjugate model: the posterior of ``mu`` is :math:`N(3/4, 1/4)`)::
 
@@ -248,6 +261,13 @@ def fit_guide(
     win = max(25, num_steps // 50) if window is None else window
     _check("window", window, _whole(win) and win >= 2, "an integer >= 2 or None")
 
+    _check("init", init, init in (None, "map", "laplace"), "None, 'map' or 'laplace'")
+
+    if init is not None:  # start at the posterior's mode (issue 24)
+        from .init import laplace, precondition
+
+        fit = laplace(model, *args, **kwargs)
+        precondition(guide, fit, model, *args, scale=init == "laplace", **kwargs)
     if objective == "iwae" and not vectorize_particles:
         raise ValueError("fit_guide: objective='iwae' needs vectorize_particles=True")
     elbo = (Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize_particles)
