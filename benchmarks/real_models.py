@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import zipfile
 from pathlib import Path
@@ -141,6 +142,33 @@ def run_scales(seeds: list[int], steps: int, num_samples: int, configs: list[str
     return rows
 
 
+def run_modes(seeds: list[int], steps: int, num_samples: int, offsets: list[float]) -> list[dict[str, Any]]:
+    from pyro_genext.infer.targets import bimodal
+
+    configs = {"default": {}, "temper": {"temper": steps // 2},
+               "iwae": {"objective": "iwae", "stop_on_plateau": False}}
+    rows = []
+    for offset in offsets:
+        target = bimodal(offset=offset)
+        for config, options in configs.items():
+            for seed in seeds:
+                pyro.clear_param_store()
+                pyro.set_rng_seed(seed)
+                guide = AutoRealNVP(target.model)
+                t0 = time.perf_counter()
+                res = fit_guide(target.model, guide, num_steps=steps, progress_bar=False, **options)
+                seconds = time.perf_counter() - t0
+                with torch.no_grad():
+                    z = guide.get_posterior().sample((num_samples,))
+                # modes at +-(o, o) with sd 0.7: the separation in mode sds is 2 sqrt(2) o / 0.7
+                row = dict(offset=offset, separation_sds=2 * math.sqrt(2) * offset / 0.7, config=config,
+                           seed=seed, steps=res.num_steps, mode_weight=float((z.sum(-1) > 0).float().mean()),
+                           seconds=seconds)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=["scales", "subsample", "modes"], required=True)
@@ -150,10 +178,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--configs", nargs="+", default=["none", "map", "laplace", "laplace+full"],
                     help="scales: fit_guide's init, '+full' for affine='full'")
+    ap.add_argument("--offsets", type=float, nargs="+", default=[1.5, 2.97],
+                    help="modes: the two-mode target's offsets (1.5: 6 mode sds apart, 2.97: 12)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    rows = {"scales": lambda: run_scales(a.seeds, a.steps, a.num_samples, a.configs)}[a.part]()
+    rows = {"scales": lambda: run_scales(a.seeds, a.steps, a.num_samples, a.configs),
+            "modes": lambda: run_modes(a.seeds, a.steps, a.num_samples, a.offsets)}[a.part]()
     if a.json is not None:
         a.json.write_text(json.dumps(rows, indent=1))
 

@@ -122,3 +122,39 @@ def test_init_options_refuse_bad_input():
         precondition(guide, fit, flat_regression, YEAR, TEMP)
     with pytest.raises(ValueError, match="max_iter"):
         laplace(flat_regression, YEAR, TEMP, max_iter=0)
+
+
+def conjugate(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_tempering_ends_at_the_posterior_and_the_plateau_rule_waits_for_it():
+    # exact posterior N(3/4, 1/4); the tempered one at weight b is N(3b / (1 + 3b), 1 / (1 + 3b))
+    guide = AutoNormal(conjugate)
+    result = fit_guide(conjugate, guide, torch.ones(3), num_steps=1500, lr=0.05, temper=600,
+                       progress_bar=False)
+    assert result.num_steps > 600 + 30  # no plateau while the weight still rises
+    loc, scale = float(guide.locs.mu.detach()), float(guide.scales.mu.detach())
+    assert abs(loc - 0.75) < 0.03 and abs(scale - 0.5) < 0.03
+
+
+def test_tempering_weights_the_observed_sites_only():
+    # log p(mu) + b log p(y | mu), by hand
+    from pyro_genext.infer.tempering import TemperObserved, tempering_weight
+
+    y, mu, b = torch.tensor([0.5, 2.0]), torch.tensor(0.3), tempering_weight(1, 4, 0.01)
+    assert b == pytest.approx(0.01 ** 0.75)
+    tempered = pyro.poutine.condition(TemperObserved(b)(conjugate), {"mu": mu})
+    got = pyro.poutine.trace(tempered).get_trace(y).log_prob_sum()
+    expected = dist.Normal(0.0, 1.0).log_prob(mu) + b * dist.Normal(mu, 1.0).log_prob(y).sum()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_tempering_refuses_bad_input():
+    guide = AutoNormal(conjugate)
+    for bad in ({"temper": -1}, {"temper": 11}, {"temper": 1.5}, {"temper": 5, "temper_start": 0.0},
+                {"temper": 5, "temper_start": 2.0}):
+        with pytest.raises(ValueError, match="temper"):
+            fit_guide(conjugate, guide, torch.ones(3), num_steps=10, progress_bar=False, **bad)
