@@ -142,6 +142,57 @@ def run_scales(seeds: list[int], steps: int, num_samples: int, configs: list[str
     return rows
 
 
+def logistic(x: torch.Tensor, y: torch.Tensor, subsample_size: int | None = None) -> None:
+    """Logistic regression, ``beta ~ N(0, 1)``, the rows subsampled by the plate if
+    ``subsample_size`` is given (the log-likelihood scaled by ``N / subsample_size``)."""
+    beta = pyro.sample("beta", dist.Normal(torch.zeros(x.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+        logits = (x[idx] * beta).sum(-1)
+        pyro.sample("y", dist.Bernoulli(logits=logits), obs=y[idx])
+
+
+def simulated_logistic(rows: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g)
+    beta = torch.linspace(-1.0, 1.0, dim)
+    y = torch.bernoulli(torch.sigmoid(x @ beta), generator=g)
+    return x, y
+
+
+def run_subsample(seeds: list[int], steps: int, num_samples: int, rows: int, batch: int,
+                  configs: list[str]) -> list[dict[str, Any]]:
+    from pyro_genext.infer.init import laplace, precondition
+
+    x, y = simulated_logistic(rows, 10)
+    out: list[dict[str, Any]] = []
+    fits: dict[tuple[str, int], torch.Tensor] = {}
+    for config in configs:
+        data, *flags = config.split("+")
+        size = None if data == "full" else batch
+        for seed in seeds:
+            pyro.clear_param_store()
+            pyro.set_rng_seed(seed)
+            guide = AutoRealNVP(logistic)
+            t0 = time.perf_counter()
+            if "laplace" in flags:  # the Laplace fit on the full data, then the (subsampled) fit
+                precondition(guide, laplace(logistic, x, y), logistic, x, y, subsample_size=size)
+            res = fit_guide(logistic, guide, x, y, subsample_size=size, num_steps=steps, progress_bar=False,
+                            stop_on_plateau="nostop" not in flags)
+            seconds = time.perf_counter() - t0
+            with torch.no_grad():
+                fits[config, seed] = guide.get_posterior().sample((num_samples,)).double()
+            out.append(dict(config=config, seed=seed, rows=rows, batch=size, steps=res.num_steps,
+                            stopped_early=res.stopped_early, seconds=seconds))
+    ref = fits[configs[0], seeds[0]]  # the first config's first seed: the full-data fit
+    m, sd = ref.mean(0), ref.std(0)
+    for row in out:
+        z = fits[row["config"], row["seed"]]
+        row["mean_err"] = float(((z.mean(0) - m).abs() / sd).max())
+        row["sd_err"] = float((z.std(0) / sd - 1).abs().max())
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def run_modes(seeds: list[int], steps: int, num_samples: int, offsets: list[float]) -> list[dict[str, Any]]:
     from pyro_genext.infer.targets import bimodal
 
@@ -177,14 +228,18 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=10_000)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--configs", nargs="+", default=["none", "map", "laplace", "laplace+full"],
-                    help="scales: fit_guide's init, '+full' for affine='full'")
+                    help="scales: fit_guide's init, '+full' for affine='full'; subsample: "
+                    "full, sub, each with +laplace and/or +nostop (no plateau rule); the first: reference")
+    ap.add_argument("--batch", type=int, default=1000, help="subsample: rows per step")
     ap.add_argument("--offsets", type=float, nargs="+", default=[1.5, 2.97],
                     help="modes: the two-mode target's offsets (1.5: 6 mode sds apart, 2.97: 12)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     rows = {"scales": lambda: run_scales(a.seeds, a.steps, a.num_samples, a.configs),
-            "modes": lambda: run_modes(a.seeds, a.steps, a.num_samples, a.offsets)}[a.part]()
+            "modes": lambda: run_modes(a.seeds, a.steps, a.num_samples, a.offsets),
+            "subsample": lambda: run_subsample(a.seeds, a.steps, a.num_samples, a.rows, a.batch,
+                                               a.configs)}[a.part]()
     if a.json is not None:
         a.json.write_text(json.dumps(rows, indent=1))
 
