@@ -118,12 +118,13 @@ class _Unconstrained:
         for name, site in trace.iter_stochastic_nodes():
             if site_is_subsample(site):
                 continue
-            if site["infer"].get("is_auxiliary") or site["fn"].has_enumerate_support and \
-                    site["infer"].get("enumerate"):
+            fn: Any = site["fn"]
+            value: torch.Tensor = site["value"]  # type: ignore[assignment]
+            if fn.support.is_discrete:
                 raise ValueError(f"laplace: site {name!r} is discrete; expected continuous latent sites")
-            t = biject_to(site["fn"].support)
-            u = t.inv(site["value"].detach())
-            self.sites.append((name, t, u.shape, site["value"].shape))
+            t = biject_to(fn.support)
+            u = t.inv(value.detach())
+            self.sites.append((name, t, u.shape, value.shape))
             start.append(u.reshape(-1))
         if not self.sites:
             raise ValueError("laplace: the model has no latent sites")
@@ -255,6 +256,9 @@ class Standardised(Bijector):
         tensor([3., 6.])
     """
 
+    loc: torch.Tensor
+    scale_tril: torch.Tensor
+
     def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
         d = loc.shape[-1]
         if loc.shape != (d,) or scale_tril.shape != (d, d) or not (scale_tril.diagonal() > 0).all():
@@ -343,7 +347,7 @@ def precondition(guide: Any, fit: Laplace, model: Callable[..., Any], *args: Any
         # starts at the identity and learns in units of the posterior's sds
         chol = torch.linalg.cholesky(fit.cov) if scale else torch.diag(
             torch.full_like(fit.loc, guide._init_scale))
-        learnt = guide.flow[-1]
+        learnt: Any = guide.flow[-1]
         learnt.loc.zero_()
         learnt.raw_scale.copy_(_softplus_inverse(torch.ones_like(fit.loc)))
         guide.flow = Chain([*guide.flow._parts, Standardised(fit.loc, chol)], cache_size=1)
