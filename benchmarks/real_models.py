@@ -112,9 +112,12 @@ def score(draws: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return mean_err, sd_err
 
 
-def run_scales(seeds: list[int], steps: int, num_samples: int, configs: list[str]) -> list[dict[str, Any]]:
+def run_scales(seeds: list[int], steps: int, num_samples: int, configs: list[str],
+               problems: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, (x, y, ref) in scale_problems().items():
+        if problems and name not in problems:
+            continue
         for config in configs:
             init, _, affine = config.partition("+")
             init = None if init == "none" else init
@@ -237,13 +240,14 @@ def main() -> None:
                     help="scales: fit_guide's init, '+full' for affine='full'; modes: default, "
                     "temper, iwae; subsample: "
                     "full, sub, each with +laplace and/or +nostop (no plateau rule); the first: reference")
+    ap.add_argument("--problems", nargs="+", default=None, help="scales: earnings, kilpisjarvi_like")
     ap.add_argument("--batch", type=int, default=1000, help="subsample: rows per step")
     ap.add_argument("--offsets", type=float, nargs="+", default=[1.5, 2.97],
                     help="modes: the two-mode target's offsets (1.5: 6 mode sds apart, 2.97: 12)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    rows = {"scales": lambda: run_scales(a.seeds, a.steps, a.num_samples, a.configs),
+    rows = {"scales": lambda: run_scales(a.seeds, a.steps, a.num_samples, a.configs, a.problems),
             "modes": lambda: run_modes(a.seeds, a.steps, a.num_samples, a.offsets,
                                        a.configs if a.configs != CONFIGS else ["default", "temper", "iwae"]),
             "subsample": lambda: run_subsample(a.seeds, a.steps, a.num_samples, a.rows, a.batch,

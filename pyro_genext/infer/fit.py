@@ -220,8 +220,10 @@ def fit_guide(
             ``AutoNICE`` or ``AutoMultivariateNormal``); ``"map"``: at the mode with
             the guide's own scale. Use ``"laplace"`` for models with flat priors
             (``ImproperUniform``, which Pyro's initialisations cannot sample) or
-            coordinates on very different scales (measured in docs/real_models.rst).
-            It costs an L-BFGS run and a
+            coordinates on very different scales: on posteriordb's ``earnings`` (raw
+            dollars, flat priors) the start at ``b = 0, sigma = 1`` ends in a NaN loss
+            at step 12, ``"laplace"`` within 0.023 reference sds of the means and 1.3 %
+            of the sds on three seeds (docs/real_models.rst). It costs an L-BFGS run and a
             Hessian (:math:`D` gradient evaluations) before the first step, and runs
             the model as written (not for a model that subsamples its data).
         temper, temper_start: likelihood tempering (:mod:`~pyro_genext.infer.tempering`):
@@ -230,8 +232,11 @@ def fit_guide(
             geometrically from ``temper_start`` to 1, so the guide starts from the
             prior's spread; ``0`` (the default) fits the posterior from the start.
             The stopping rule waits for the end of the schedule, and ``losses`` before
-            it are of the tempered objective. Measured on two-mode posteriors in
-            docs/real_models.rst.
+            it are of the tempered objective. On a two-mode target with the modes 12 sds
+            apart, ``temper=num_steps // 2`` kept both modes, near balanced, on two
+            seeds of three; the default and ``objective="iwae"`` lost one mode on two
+            seeds and kept 27 % and 33 % in it on the third. It ran 1400 steps against
+            the default's 600-900 (docs/real_models.rst).
 
     Example (a conjugate model: the posterior of ``mu`` is :math:`N(3/4, 1/4)`)::
 
@@ -336,7 +341,7 @@ def fit_guide(
         if bar is not None:
             bar.update(win)
             bar.set_postfix(loss=f"{mean:.4g}")
-        if step < temper + win:  # the objective still moves with the weight: no plateau yet
+        if temper and step < temper + win:  # the objective still moves with the weight: no plateau yet
             best, stall = None, 0
         elif best is None or best[0] - mean > max(min_improvement, 2 * math.sqrt(best[1] + var)):
             best, stall = (mean, var), 0
