@@ -182,3 +182,15 @@ def test_a_subsampled_fit_matches_the_full_data_posterior_and_stops():
         z = guide.get_posterior().sample((20000,))
     assert ((z.mean(0) - fit.loc).abs() / fit.scale).max() < 0.5
     assert ((z.std(0) / fit.scale) - 1).abs().max() < 0.2
+
+
+def test_without_tempering_the_plateau_rule_counts_from_its_first_window():
+    # a constant loss: the first window sets the best mean, and each later one fails to
+    # improve on it; four such windows at each rate (5e-3, 1.5e-3, then the final 5e-4)
+    # end the fit after 1 + 3 * 4 = 13 windows of 25 steps
+    def model():
+        p = pyro.param("p", torch.tensor(0.0))
+        pyro.factor("f", 0.0 * p)
+
+    result = fit_guide(model, lambda: None, num_steps=1000, num_particles=1, progress_bar=False)
+    assert result.stopped_early and result.num_steps == 13 * 25
