@@ -236,7 +236,7 @@ def fit_guide(
             apart, ``temper=num_steps // 2`` kept both modes, near balanced, on two
             seeds of three; the default and ``objective="iwae"`` lost one mode on two
             seeds and kept 27 % and 33 % in it on the third. It ran 1400 steps against
-            the default's 600-900 (docs/real_models.rst).
+            the default's 520-880 (docs/real_models.rst).
 
     Example (a conjugate model: the posterior of ``mu`` is :math:`N(3/4, 1/4)`)::
 
