@@ -145,6 +145,9 @@ def fit_guide(
     min_improvement: float = 0.0,
     plateau_factor: float = 0.3,
     progress_bar: bool = True,
+    init: str | None = None,
+    temper: int = 0,
+    temper_start: float = 0.01,
     **kwargs: Any,
 ) -> FitResult:
     r"""Fit ``guide`` (and any ``pyro.param`` of ``model``) by stochastic variational
@@ -230,6 +233,31 @@ def fit_guide(
             stopping rule (``min_improvement``: the fall per window, in the loss's units,
             below which the loss counts as flat).
         progress_bar: show a ``tqdm`` bar with the smoothed loss.
+        init: where the guide starts. ``None``: where the guide's own
+            ``init_loc_fn`` and ``init_scale`` put it. ``"laplace"``: at the
+            posterior's mode with the Laplace approximation's covariance in its
+            affine stage (:func:`~pyro_genext.infer.init.laplace` then
+            :func:`~pyro_genext.infer.init.precondition`; a fresh ``AutoRealNVP``,
+            ``AutoNICE`` or ``AutoMultivariateNormal``); ``"map"``: at the mode with
+            the guide's own scale. Use ``"laplace"`` for models with flat priors
+            (``ImproperUniform``, which Pyro's initialisations cannot sample) or
+            coordinates on very different scales: on posteriordb's ``earnings`` (raw
+            dollars, flat priors) the start at ``b = 0, sigma = 1`` ends in a NaN loss
+            at step 12, ``"laplace"`` within 0.023 reference sds of the means and 1.3 %
+            of the sds on three seeds (docs/real_models.rst). It costs an L-BFGS run and a
+            Hessian (:math:`D` gradient evaluations) before the first step, and runs
+            the model as written (not for a model that subsamples its data).
+        temper, temper_start: likelihood tempering (:mod:`~pyro_genext.infer.tempering`):
+            for the first ``temper`` steps the observed sites' log-density (``obs=``
+            and ``pyro.factor`` sites) is weighted by :math:`\beta` rising
+            geometrically from ``temper_start`` to 1, so the guide starts from the
+            prior's spread; ``0`` (the default) fits the posterior from the start.
+            The stopping rule waits for the end of the schedule, and ``losses`` before
+            it are of the tempered objective. On a two-mode target with the modes 12 sds
+            apart, ``temper=num_steps // 2`` kept both modes, near balanced, on two
+            seeds of three; the default and ``objective="iwae"`` lost one mode on two
+            seeds and kept 27 % and 33 % in it on the third. It ran 1400 steps against
+            the default's 520-880 (docs/real_models.rst).
 
     Example (a conjugate model: the posterior of ``mu`` is :math:`N(3/4, 1/4)`)::
 
@@ -274,8 +302,23 @@ def fit_guide(
     win = max(25, num_steps // 50) if window is None else window
     _check("window", window, _whole(win) and win >= 2, "an integer >= 2 or None")
 
+    _check("init", init, init in (None, "map", "laplace"), "None, 'map' or 'laplace'")
+    _check("temper", temper, _whole(temper) and 0 <= temper <= num_steps, "an integer in [0, num_steps]")
+    _check("temper_start", temper_start, _finite(temper_start) and 0 < temper_start <= 1, "in (0, 1]")
+
+    if init is not None:  # start at the posterior's mode (issue 24)
+        from .init import laplace, precondition
+
+        fit = laplace(model, *args, **kwargs)
+        precondition(guide, fit, model, *args, scale=init == "laplace", **kwargs)
     if objective == "iwae" and not vectorize_particles:
         raise ValueError("fit_guide: objective='iwae' needs vectorize_particles=True")
+    tempered = None
+    if temper:  # the likelihood's weight rises to 1 over the first `temper` steps (issue 24)
+        from .tempering import TemperObserved, tempering_weight
+
+        tempered = TemperObserved(temper_start)
+        model = tempered(model)
     trace_elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize_particles)
     elbo = trace_elbo if objective == "elbo" else ImportanceWeightedELBO(num_particles)
     loss_fn = elbo(model, guide)  # type: ignore[arg-type]  # an ELBOModule
@@ -311,6 +354,8 @@ def fit_guide(
         hint = (" With objective='iwae' the guide's tails can drift where every importance weight "
                 "vanishes (a funnel): a longer ELBO warmup, a lower lr, or objective='elbo'."
                 if objective == "iwae" and step >= warmup else " Lower lr or keep clip_norm.")
+        if tempered is not None:
+            tempered.weight = tempering_weight(step, temper, temper_start)
         try:
             loss = first if step == 0 else (warm_fn if step < warmup else loss_fn)(*args, **kwargs)
         except (ValueError, RuntimeError) as e:  # e.g. a scale that underflowed to 0
@@ -356,6 +401,9 @@ def fit_guide(
             bar.update(win)
             bar.set_postfix(loss=f"{means[-1]:.4g}")
         since += 1
+        if temper and step < temper + win:  # the objective still moves with the weight: no plateau yet
+            since = 0
+            continue
         if (not stop_on_plateau or step < warmup or since < 2 * patience
                 or _falling(losses[-2 * patience * win:], win, min_improvement)):
             continue

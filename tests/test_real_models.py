@@ -1,0 +1,197 @@
+"""What real models need from the guides and fit_guide (issue 24): a start at the mode with
+the posterior's scales (``init="laplace"``), large data through subsampling, separated
+modes. Every answer here is exact: flat-prior regressions have closed-form posteriors."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from torch.distributions import constraints
+
+from pyro_genext.infer import AutoRealNVP, fit_guide
+from pyro_genext.infer.init import init_to_support, laplace, precondition
+
+# a regression on raw years (a predictor near 2000 with small spread), as kilpisjarvi's
+YEAR = torch.arange(1952.0, 2014.0)
+TEMP = 8.6 + 0.02 * (YEAR - 1983) + 1.1 * torch.randn(len(YEAR), generator=torch.Generator().manual_seed(1))
+
+
+def flat_regression(x, y):
+    beta = pyro.sample("beta", dist.ImproperUniform(constraints.real, (), (2,)))
+    sigma = pyro.sample("sigma", dist.ImproperUniform(constraints.positive, (), ()))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(beta[..., 0] + beta[..., 1] * x, sigma), obs=y)
+
+
+def _least_squares(x, y):
+    X = torch.stack([torch.ones_like(x), x], -1).double()
+    xtx = X.T @ X
+    bhat = torch.linalg.solve(xtx, X.T @ y.double())
+    rss = float(((y.double() - X @ bhat) ** 2).sum())
+    return bhat, rss, xtx
+
+
+def test_laplace_finds_the_mode_of_a_badly_scaled_regression_with_its_log_jacobian():
+    # exact: in (beta, s = log sigma) the log density is -(n - 1) s - (RSS + ...) e^{-2s} / 2
+    # (the +s is the log-Jacobian of sigma = e^s), so the mode has beta = beta_hat,
+    # sigma^2 = RSS / (n - 1) (without the Jacobian it would be RSS / n), and there the
+    # negative Hessian is X'X / sigma^2 for beta and 2 (n - 1) for s
+    bhat, rss, xtx = _least_squares(YEAR, TEMP)
+    n = len(YEAR)
+    fit = laplace(flat_regression, YEAR, TEMP)
+    sigma = math.sqrt(rss / (n - 1))
+    assert fit.converged
+    assert torch.allclose(fit.values["beta"].double(), bhat, rtol=1e-3)
+    assert fit.values["sigma"] == pytest.approx(sigma, rel=1e-4)
+    cov_beta = torch.linalg.inv(xtx) * sigma**2
+    assert torch.allclose(fit.cov[:2, :2].double(), cov_beta, rtol=2e-2)
+    assert fit.scale[2] == pytest.approx(1 / math.sqrt(2 * (n - 1)), rel=1e-3)
+    # the slope and intercept are almost collinear on raw years: the correlation is kept
+    corr = fit.cov[0, 1] / (fit.scale[0] * fit.scale[1])
+    assert float(corr) == pytest.approx(float(cov_beta[0, 1] / cov_beta.diagonal().prod().sqrt()), abs=1e-4)
+
+
+def test_init_to_support_starts_a_flat_prior_that_pyro_cannot_sample():
+    site = {"fn": dist.ImproperUniform(constraints.interval(2.0, 4.0), (3,), ())}
+    assert torch.equal(init_to_support(site), torch.full((3,), 3.0))
+    with pytest.raises(NotImplementedError):  # what Pyro's strategies run into
+        site["fn"].sample()
+
+
+@pytest.mark.parametrize("affine", ["diagonal", "full"])
+def test_a_preconditioned_flow_guide_starts_as_the_laplace_approximation(affine):
+    # the flow at the start is z = u_hat + chol(Sigma) u: its value at u = 0 and its
+    # Jacobian (by autograd, independent of how the stages are stored) say so
+    fit = laplace(flat_regression, YEAR, TEMP)
+    guide = precondition(AutoRealNVP(flat_regression, affine=affine, init_coupling_scale=0.0), fit,
+                         flat_regression, YEAR, TEMP)
+    flow = guide.flow.with_cache(0)
+    zero = torch.zeros(3)
+    assert torch.allclose(flow(zero).detach(), fit.loc)
+    jac = torch.autograd.functional.jacobian(flow, zero)
+    assert torch.allclose(jac @ jac.T, fit.cov, rtol=1e-4, atol=1e-9)
+    # and the parameters it learns start at the identity, in units of the posterior sds
+    learnt = guide.flow[-2]
+    assert torch.equal(learnt.loc.detach(), torch.zeros(3))
+    assert torch.allclose(learnt.scale.detach(), torch.ones(3))
+
+
+def test_precondition_of_pyros_multivariate_normal_guide():
+    fit = laplace(flat_regression, YEAR, TEMP)
+    guide = precondition(AutoMultivariateNormal(flat_regression), fit, flat_regression, YEAR, TEMP)
+    post = guide.get_posterior()
+    assert torch.allclose(post.loc.detach(), fit.loc)
+    assert torch.allclose(post.covariance_matrix.detach(), fit.cov, rtol=1e-4, atol=1e-9)
+
+
+def test_fit_guide_laplace_start_matches_the_exact_posterior_on_raw_years():
+    # exact posterior under flat priors: sigma^2 ~ InvGamma((n - 3) / 2, RSS / 2),
+    # beta | sigma ~ N(beta_hat, sigma^2 (X'X)^-1); moments in closed form
+    bhat, rss, xtx = _least_squares(YEAR, TEMP)
+    n = len(YEAR)
+    a, b = (n - 3) / 2, rss / 2
+    e_sigma2 = b / (a - 1)
+    e_sigma = math.exp(0.5 * math.log(b) + math.lgamma(a - 0.5) - math.lgamma(a))
+    sd_beta = (torch.linalg.inv(xtx).diagonal() * e_sigma2).sqrt()
+    sd_sigma = math.sqrt(e_sigma2 - e_sigma**2)
+    guide = AutoRealNVP(flat_regression, num_layers=2, hidden_dims=(8,), affine="full")
+    fit_guide(flat_regression, guide, YEAR, TEMP, num_steps=400, init="laplace", progress_bar=False)
+    with torch.no_grad():
+        z = guide.get_posterior().sample((20000,))
+    beta, s = z[:, :2].double(), z[:, 2].double().exp()
+    assert ((beta.mean(0) - bhat).abs() / sd_beta).max() < 0.1
+    assert ((beta.std(0) / sd_beta) - 1).abs().max() < 0.1
+    assert abs(float(s.mean()) - e_sigma) / sd_sigma < 0.1
+    assert abs(float(s.std()) / sd_sigma - 1) < 0.1
+
+
+def test_init_options_refuse_bad_input():
+    guide = AutoRealNVP(flat_regression)
+    with pytest.raises(ValueError, match="init"):
+        fit_guide(flat_regression, guide, YEAR, TEMP, init="median", progress_bar=False)
+    fit = laplace(flat_regression, YEAR, TEMP)
+    with pytest.raises(TypeError, match="AutoNormal"):
+        precondition(AutoNormal(flat_regression), fit, flat_regression, YEAR, TEMP)
+    with pytest.raises(TypeError, match="Laplace"):
+        precondition(guide, {"beta": 1}, flat_regression, YEAR, TEMP)
+    precondition(guide, fit, flat_regression, YEAR, TEMP)
+    with pytest.raises(ValueError, match="fresh guide"):
+        precondition(guide, fit, flat_regression, YEAR, TEMP)
+    with pytest.raises(ValueError, match="max_iter"):
+        laplace(flat_regression, YEAR, TEMP, max_iter=0)
+
+
+def conjugate(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_tempering_ends_at_the_posterior_and_the_plateau_rule_waits_for_it():
+    # exact posterior N(3/4, 1/4); the tempered one at weight b is N(3b / (1 + 3b), 1 / (1 + 3b))
+    guide = AutoNormal(conjugate)
+    result = fit_guide(conjugate, guide, torch.ones(3), num_steps=1500, lr=0.05, temper=600,
+                       progress_bar=False)
+    assert result.num_steps > 600 + 30  # no plateau while the weight still rises
+    loc, scale = float(guide.locs.mu.detach()), float(guide.scales.mu.detach())
+    assert abs(loc - 0.75) < 0.03 and abs(scale - 0.5) < 0.03
+
+
+def test_tempering_weights_the_observed_sites_only():
+    # log p(mu) + b log p(y | mu), by hand
+    from pyro_genext.infer.tempering import TemperObserved, tempering_weight
+
+    y, mu, b = torch.tensor([0.5, 2.0]), torch.tensor(0.3), tempering_weight(1, 4, 0.01)
+    assert b == pytest.approx(0.01 ** 0.75)
+    tempered = pyro.poutine.condition(TemperObserved(b)(conjugate), {"mu": mu})
+    got = pyro.poutine.trace(tempered).get_trace(y).log_prob_sum()
+    expected = dist.Normal(0.0, 1.0).log_prob(mu) + b * dist.Normal(mu, 1.0).log_prob(y).sum()
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_tempering_refuses_bad_input():
+    guide = AutoNormal(conjugate)
+    for bad in ({"temper": -1}, {"temper": 11}, {"temper": 1.5}, {"temper": 5, "temper_start": 0.0},
+                {"temper": 5, "temper_start": 2.0}):
+        with pytest.raises(ValueError, match="temper"):
+            fit_guide(conjugate, guide, torch.ones(3), num_steps=10, progress_bar=False, **bad)
+
+
+def logistic(x, y, subsample_size=None):
+    beta = pyro.sample("beta", dist.Normal(torch.zeros(x.shape[1]), 1.0).to_event(1))
+    with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+        pyro.sample("y", dist.Bernoulli(logits=(x[idx] * beta).sum(-1)), obs=y[idx])
+
+
+def test_a_subsampled_fit_matches_the_full_data_posterior_and_stops():
+    # 2000 rows, 200 a step; the reference is the full data's Laplace approximation (a
+    # logistic regression on 2000 rows is close to Gaussian); start from it, as
+    # docs/real_models.rst advises for subsampled models
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 3, generator=g)
+    y = torch.bernoulli(torch.sigmoid(x @ torch.tensor([-1.0, 0.0, 1.0])), generator=g)
+    fit = laplace(logistic, x, y)
+    guide = precondition(AutoRealNVP(logistic, num_layers=2, hidden_dims=(8,)), fit, logistic, x, y,
+                         subsample_size=200)
+    result = fit_guide(logistic, guide, x, y, subsample_size=200, num_steps=1500, progress_bar=False)
+    assert result.stopped_early  # the plateau rule ends a noisy fit, and not too early:
+    with torch.no_grad():
+        z = guide.get_posterior().sample((20000,))
+    assert ((z.mean(0) - fit.loc).abs() / fit.scale).max() < 0.5
+    assert ((z.std(0) / fit.scale) - 1).abs().max() < 0.2
+
+
+def test_without_tempering_the_plateau_rule_counts_from_its_first_window():
+    # a constant loss is flat from the first window on: the rule judges the trend of the
+    # last 2 * patience = 8 windows, so each rate (5e-3, 1.5e-3, then the final 5e-4) runs
+    # 8 windows and the fit ends after 3 * 8 = 24 windows of 25 steps; a rule that skipped
+    # the first window without tempering would stop at 25
+    def model():
+        p = pyro.param("p", torch.tensor(0.0))
+        pyro.factor("f", 0.0 * p)
+
+    result = fit_guide(model, lambda: None, num_steps=1000, num_particles=1, progress_bar=False)
+    assert result.stopped_early and result.num_steps == 24 * 25
