@@ -20,7 +20,8 @@ from pyro.infer import (
     TraceEnum_ELBO,
     TraceGraph_ELBO,
 )
-from pyro.infer.autoguide import init_to_value
+from pyro.infer.autoguide import AutoNormal, init_to_value
+from pyro.nn import PyroModule
 
 from pyro_genext.infer import AutoNICE, AutoRealNVP
 from pyro_genext.infer import autoguide as autoguide_module
@@ -230,3 +231,49 @@ def test_bad_arguments_name_what_was_expected_and_given(kind, kwargs, expected):
     with pytest.raises(ValueError, match=expected) as info:
         GUIDES[kind](skewed, **kwargs)
     assert f"got {value!r}" in str(info.value)
+
+
+# ------------------------------------------------------------------ the initial spread
+@pytest.mark.parametrize("init_scale", [None, 0.1, 1.0])
+@pytest.mark.parametrize("kind", sorted(GUIDES))
+def test_initial_spread_is_that_of_autonormal_with_the_same_init_scale(kind, init_scale):
+    kw = {} if init_scale is None else {"init_scale": init_scale}
+    guide = GUIDES[kind](skewed, **kw).setup()
+    pyro.clear_param_store()
+    normal = AutoNormal(skewed, init_scale=guide._init_scale)
+    normal()
+    expected = torch.stack([getattr(normal.scales, k).detach() for k in ("x", "y", "z")])
+    with torch.no_grad():
+        sd = guide.get_posterior().sample((40000,)).std(0)
+    assert torch.allclose(sd, expected, rtol=0.02), (sd, expected)
+    if init_scale is None:
+        assert guide._init_scale == 1.0  # the measured default (AutoCouplingFlow's docstring)
+
+
+class _Located(PyroModule):
+    """x has prior N(1, 0.1) and one observation 1 with noise 0.1; y ~ N(2, 0.1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.x_loc = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self):
+        x = pyro.sample("x", dist.Normal(self.x_loc, 0.1))
+        pyro.sample("y", dist.Normal(2.0, 0.1))
+        pyro.sample("obs", dist.Normal(1.0, 0.1), obs=x)
+
+
+@pytest.mark.parametrize("kind", sorted(GUIDES))
+def test_a_narrow_posterior_started_at_its_scale_stays_put(kind):
+    # medians 1 and 2 exactly, sds 0.07 and 0.1: started there with init_scale=0.1 (the
+    # scale of Pyro's guides), 20 Adam steps must not carry the median away
+    for seed in range(4):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        model = _Located()
+        guide = GUIDES[kind](model, init_scale=0.1)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.005}), Trace_ELBO())
+        for _ in range(20):
+            svi.step()
+        med = guide.median()
+        assert abs(med["x"] - 1.0) < 0.1 and abs(med["y"] - 2.0) < 0.1, (seed, med)
