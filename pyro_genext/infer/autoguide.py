@@ -166,7 +166,7 @@ class AutoCouplingFlow(AutoContinuous):
             the posterior benchmark (4000 steps, seed 0) 0.1 gave a lower ELBO on five of
             the eight posteriors (funnel -0.119 against -0.082, logistic regression
             -55.47 against -55.40, unequal groups -373.78 against -373.61), a higher one
-            on three (two modes, GP, horseshoe). The price of 1.0: on a posterior much
+            on three (two modes, GP, horseshoe); 0.3 was lower on seven. The price of 1.0: on a posterior much
             narrower than 1 the first Adam steps move the couplings, whose output is
             scaled by :math:`\sigma`, far in :math:`z`; Pyro's
             ``test_median_module`` (posterior sd 0.07, 20 Adam steps at lr 0.005 from
