@@ -332,3 +332,50 @@ def test_the_models_public_methods_follow_their_device(monkeypatch):
                        vae.reconstruct(x.div(16)), vae.decode(vae.encode(x.div(16)))]
     assert not mode.problems, mode.problems[:5]
     assert all(o.device.type == "meta" for o in outputs)
+
+
+@pytest.mark.parametrize("guide_class", ["AutoRealNVP", "AutoNICE"])
+def test_the_flow_guides_follow_their_device(guide_class, monkeypatch):
+    """AutoRealNVP/AutoNICE with the model's data on a device (``meta``): the guide builds
+    its flow and parameters there, draws, scores with STL, and the ELBO's gradient reaches
+    every parameter, each step creating nothing on the host (the engine's host-read-free loss;
+    Pyro's own argument validation reads values, so it is off). Its median and quantiles
+    draw from a generator on the data's device."""
+    import pyro.distributions as dist
+
+    from pyro_genext import infer
+    from pyro_genext.engine.step import differentiable_loss
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(2, device=y.device), 1.0).to_event(1))
+        s = pyro.sample("s", dist.LogNormal(torch.zeros((), device=y.device), 1.0))
+        with pyro.plate("n", y.shape[0]):
+            pyro.sample("y", dist.Normal(mu, s).to_event(1), obs=y)
+
+    y = torch.randn(5, 2).to("meta")
+    guide = getattr(infer, guide_class)(model)
+    with pyro.validation_enabled(False):
+        guide(y)  # the one-time set-up builds the flow on the host and moves it (not a step)
+    mode = FollowsDevice()
+    with device_generators(monkeypatch), pyro.validation_enabled(False), mode:  # a step
+        draws = guide(y)
+        loss = differentiable_loss(pyro.infer.Trace_ELBO(), model, guide, y)
+        loss.backward()
+    assert not mode.problems, mode.problems[:5]
+    assert {v.device.type for v in draws.values()} == {"meta"}
+    params = list(guide.parameters())
+    assert params and all(p.device.type == "meta" and p.grad is not None for p in params)
+    # median/quantiles: the generator is asked for on the data's device
+    asked: list[torch.device] = []
+
+    class Recording(_Generator):
+        def __init__(self, device: Any = "cpu") -> None:
+            super().__init__(device)
+            asked.append(torch.device(device))
+
+    monkeypatch.setattr(torch, "Generator", Recording)
+    with pyro.validation_enabled(False):
+        median = guide.median(y)
+        quantiles = guide.quantiles([0.25, 0.5], y)
+    assert asked and all(d.type == "meta" for d in asked)
+    assert {v.device.type for v in [*median.values(), *quantiles.values()]} == {"meta"}
