@@ -307,9 +307,19 @@ def test_flow_posterior_log_q_is_the_change_of_variables(flow):
         q = vae.posterior(x)
         assert not torch.allclose(z, z0)  # the flow does something
         assert torch.allclose(q.log_prob(z.clone()), brute, atol=1e-8)  # scoring: inverse pass
-    # the sampling path used by elbo() and iwae_log_likelihood()
-    zs, log_q = vae._rsample_and_log_q(x, 2)
-    assert torch.allclose(log_q.detach(), vae.posterior(x).log_prob(zs.detach().clone()), atol=1e-8)
+    # the sampling path used by elbo() and iwae_log_likelihood(), through the public
+    # log_weights: the draws z are read off the decoder's input, and the log-weights must be
+    # log p(z) + log p(x | z) - log q(z | x) with log q scored independently by the inverse pass
+    seen = []
+    handle = vae.decoder.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()))
+    try:
+        log_w = vae.log_weights(x, 2).detach()
+    finally:
+        handle.remove()
+    zs = seen[0].clone()
+    with torch.no_grad():
+        log_p = vae.prior(zs.shape[:-1]).log_prob(zs) + vae.likelihood_dist(zs).log_prob(x)
+        assert torch.allclose(log_w, log_p - vae.posterior(x).log_prob(zs.clone()), atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- PCA
