@@ -358,6 +358,8 @@ def fit_guide(
             tempered.weight = tempering_weight(step, temper, temper_start)
         try:
             loss = first if step == 0 else (warm_fn if step < warmup else loss_fn)(*args, **kwargs)
+        except NotImplementedError:  # a combination the objective refuses: its own message
+            raise
         except (ValueError, RuntimeError) as e:  # e.g. a scale that underflowed to 0
             raise RuntimeError(f"fit_guide: the model or guide failed at step {step}, at the guide's "
                                f"draws; the parameters are as the last step left them.{hint} "

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.transforms import biject_to
@@ -128,7 +129,10 @@ class _Unconstrained:
             start.append(u.reshape(-1))
         if not self.sites:
             raise ValueError("laplace: the model has no latent sites")
-        self.start = torch.cat(start)
+        # the start in the model's dtype and device: init_to_support's zeros are the default
+        # dtype on the host, which for a float64 model on raw scales lost the mode by a sd
+        ref = trace.log_prob_sum()
+        self.start = torch.cat(start).to(dtype=ref.dtype, device=ref.device)
 
     def unpack(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         values, ladj, i = {}, u.new_zeros(()), 0
@@ -235,7 +239,7 @@ def laplace(
     hess = _hessian(target, u)
     chol, info = torch.linalg.cholesky_ex(hess)
     if info != 0:  # not a strict maximum: keep the mode, with unit scales
-        cov, converged = torch.eye(len(u), dtype=u.dtype), False
+        cov, converged = torch.eye(len(u), dtype=u.dtype, device=u.device), False
     else:
         cov = torch.cholesky_inverse(chol)
     values, _ = target.unpack(u)
@@ -323,6 +327,13 @@ def precondition(guide: Any, fit: Laplace, model: Callable[..., Any], *args: Any
     if guide.prototype_trace is not None:
         raise ValueError("precondition: the guide's parameters are already built; precondition a "
                          "fresh guide (before its first call)")
+    stale = [k for k in pyro.get_param_store().keys()
+             if k.startswith(guide._pyro_name) and k[len(guide._pyro_name):][:1] in (".", "$")]
+    if stale:  # the guide's first call would load them over the preconditioned values
+        raise ValueError(f"precondition: Pyro's param store already holds parameters under the "
+                         f"guide's name {guide._pyro_name!r} (e.g. {stale[0]!r}), which the guide's "
+                         "first call would load over the preconditioned start; call "
+                         "pyro.clear_param_store() first")
     # Pyro's autoguides wrap the model in their init_loc_fn at construction (AutoGuide._model);
     # build the prototype from the mode instead, then put the guide's model back
     own = guide._model
