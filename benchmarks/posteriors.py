@@ -186,6 +186,9 @@ LOOPS = {
     # importance-weighted training, K = 10 (Agrawal et al. 2020); the bound is too flat
     # near the optimum for the plateau rule (see fit_guide), so every step is run
     "fit-iwae": partial(fit_loop, objective="iwae", num_particles=10, stop_on_plateau=False),
+    # fit_guide started at the posterior's mode, in the Laplace approximation's units
+    # (docs/real_models.rst): for flat priors and raw-scale data
+    "fit-laplace": partial(fit_loop, init="laplace"),
 }
 
 
