@@ -176,12 +176,12 @@ def test_compiled_calls_leave_nothing_behind():
     assert probe_u() is None and probe_y() is None
 
 
-@pytest.mark.parametrize("name", ["realnvp-vectors", "vae-realnvp-flows"])
+@pytest.mark.parametrize("name", ["realnvp-vectors", "realnvp-images", "vae-realnvp-flows"])
 def test_the_engines_compiled_step_matches_its_eager_step(name):
     """``--compile``: the engine's whole step (the kind's train_loss, backward, clipping,
-    Adam) compiled by inductor gives the eager step's losses, step after step (on the CPU
-    inductor's random draws are torch's), and the first step's compilation time is
-    reported."""
+    Adam) compiled by inductor gives the eager step's losses, step after step, also where
+    the step draws (the images' dequantization noise: inductor keeps torch's random draws
+    through ``fallback_random``), and the first step's compilation time is reported."""
     import pyro
     from test_device import trainer
 

@@ -307,15 +307,21 @@ class Trainer:
         if mode == "auto":
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
         self.compile_mode = mode
-        return torch.compile(step, mode=None if mode == "default" else mode)
+        # fallback_random: inductor otherwise replaces torch's random draws (the
+        # dequantization noise) with its own generator, and the compiled step would train
+        # on other draws than the eager one (torch.compile takes mode or options, not both)
+        options = {**torch._inductor.list_mode_options(mode),
+                   "fallback_random": True}
+        return torch.compile(step, options=options)
 
     def _compiled_step(self, xb: torch.Tensor, lr: float) -> torch.Tensor:
         """One compiled step at rate ``lr``. The rate is a tensor the compiled update reads
         (a Python number would be a constant of the compiled code, recompiled at every
         step of the warm-up); the first call compiles, and its time is logged."""
         for group in self.optimizer.param_groups:
-            if not isinstance(group["lr"], torch.Tensor):  # (a checkpoint's state holds floats)
-                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
+            lr_t = group["lr"]  # a float, or a tensor a checkpoint loaded onto the host
+            if not isinstance(lr_t, torch.Tensor) or lr_t.device != self.device:
+                group["lr"] = torch.tensor(float(lr_t), device=self.device)
             group["lr"].fill_(lr)
         self.optimizer.zero_grad(set_to_none=True)  # outside: torch.compile will not trace it
         if self.compile_mode == "reduce-overhead":  # a new step of the CUDA graphs
