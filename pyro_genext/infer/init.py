@@ -131,7 +131,7 @@ class _Unconstrained:
             raise ValueError("laplace: the model has no latent sites")
         # the start in the model's dtype and device: init_to_support's zeros are the default
         # dtype on the host, which for a float64 model on raw scales lost the mode by a sd
-        ref = trace.log_prob_sum()
+        ref = torch.as_tensor(trace.log_prob_sum())  # (a float where no site has a density)
         self.start = torch.cat(start).to(dtype=ref.dtype, device=ref.device)
 
     def unpack(self, u: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
