@@ -152,7 +152,7 @@ class PositiveNormal(dist.TorchDistribution):
 
 def _normal_vec(loc: float, scale: float, n: int, like: torch.Tensor) -> dist.Independent:
     """``n`` independent :math:`N(loc, scale^2)` as one vector site, in ``like``'s dtype."""
-    return dist.Normal(torch.full((n,), float(loc), dtype=like.dtype), scale).to_event(1)
+    return dist.Normal(torch.full((n,), float(loc), dtype=like.dtype, device=like.device), scale).to_event(1)
 
 
 # ------------------------------------------------------------------ linear regressions
@@ -357,11 +357,11 @@ def _hmm_example(d: Data) -> tuple[Callable[..., None], tuple[Any, ...]]:
     ``mu`` positive-ordered with ``N(3, 1)`` and ``N(10, 1)`` factors,
     ``y[t] ~ normal(mu[z_t], 1)``."""
     def model(y: torch.Tensor) -> None:
-        ones = torch.ones(2, dtype=y.dtype)
+        ones = torch.ones(2, dtype=y.dtype, device=y.device)
         theta1 = pyro.sample("theta1", dist.Dirichlet(ones))
         theta2 = pyro.sample("theta2", dist.Dirichlet(ones))
         mu = _flat("mu", positive_ordered, y, (2,))
-        prior = dist.Normal(torch.tensor([3.0, 10.0], dtype=y.dtype), 1.0)
+        prior = dist.Normal(torch.tensor([3.0, 10.0], dtype=y.dtype, device=y.device), 1.0)
         pyro.factor("mu_prior", prior.log_prob(mu).sum(-1))
         log_emit = dist.Normal(mu[..., None, :], 1.0).log_prob(y[:, None])
         log_trans = torch.log(torch.stack([theta1, theta2], -2))
@@ -385,7 +385,7 @@ def _hmm_drive(emission: str) -> Callable[[Data], tuple[Callable[..., None], tup
                        else constraints.ordered_vector)
             phi = _flat("phi", support, u, (2,))
             lam = _flat("lambda", support, u, (2,))
-            prior = dist.Normal(torch.tensor([0.0, 3.0], dtype=u.dtype), 1.0)
+            prior = dist.Normal(torch.tensor([0.0, 3.0], dtype=u.dtype, device=u.device), 1.0)
             pyro.factor("phi_prior", prior.log_prob(phi).sum(-1))
             pyro.factor("lambda_prior", prior.log_prob(lam).sum(-1))
             if emission == "exponential":
@@ -397,7 +397,7 @@ def _hmm_drive(emission: str) -> Callable[[Data], tuple[Callable[..., None], tup
             log_trans = torch.log(torch.stack([theta1, theta2], -2))
             pyro.factor("forward", hmm_log_likelihood(log_trans, log_emit))
 
-        one = torch.ones((), dtype=d["u"].dtype)
+        one = torch.ones((), dtype=d["u"].dtype, device=d["u"].device)
         return model, (d["u"], d["v"], d["alpha"], d.get("tau", one), d.get("rho", one))
     return build
 
@@ -448,12 +448,14 @@ def _lotka_volterra(d: Data) -> tuple[Callable[..., None], tuple[Any, ...]]:
     is replaced by :func:`rk4` with steps of 0.1 (largest relative error 2e-6 against
     SciPy at tolerance 1e-11, over 20 reference draws)."""
     def model(ts: torch.Tensor, y_init: torch.Tensor, y: torch.Tensor) -> None:
-        loc = torch.tensor([1.0, 0.05, 1.0, 0.05], dtype=y.dtype)
-        theta = pyro.sample("theta", PositiveNormal(loc, torch.tensor([0.5, 0.05, 0.5, 0.05], dtype=y.dtype))
-                            .to_event(1))
-        z_init = pyro.sample("z_init", dist.LogNormal(torch.full((2,), math.log(10.0), dtype=y.dtype),
+        dt, dv = y.dtype, y.device
+        loc = torch.tensor([1.0, 0.05, 1.0, 0.05], dtype=dt, device=dv)
+        scale = torch.tensor([0.5, 0.05, 0.5, 0.05], dtype=dt, device=dv)
+        theta = pyro.sample("theta", PositiveNormal(loc, scale).to_event(1))
+        z_init = pyro.sample("z_init", dist.LogNormal(torch.full((2,), math.log(10.0), dtype=dt, device=dv),
                                                       1.0).to_event(1))
-        sigma = pyro.sample("sigma", dist.LogNormal(torch.full((2,), -1.0, dtype=y.dtype), 1.0).to_event(1))
+        sigma_loc = torch.full((2,), -1.0, dtype=dt, device=dv)
+        sigma = pyro.sample("sigma", dist.LogNormal(sigma_loc, 1.0).to_event(1))
         a, b, g, e = (theta[..., i] for i in range(4))
 
         def f(t: float, z: torch.Tensor) -> torch.Tensor:
@@ -492,7 +494,8 @@ def _one_comp(d: Data) -> tuple[Callable[..., None], tuple[Any, ...]]:
             absorbed = torch.exp(-k_a * (t - t0)) * dose * k_a / volume
             return (absorbed - v_m / volume * x / (k_m + x))[..., None]
 
-        conc = rk4(f, torch.zeros(k_a.shape + (1,), dtype=c_hat.dtype), t0, times, 0.1, knots)[..., 0]
+        start = torch.zeros(k_a.shape + (1,), dtype=c_hat.dtype, device=c_hat.device)
+        conc = rk4(f, start, t0, times, 0.1, knots)[..., 0]
         pyro.sample("C_hat", dist.LogNormal(torch.log(conc), sigma[..., None]).to_event(1), obs=c_hat)
 
     return model, (d["times"], d["C_hat"], d["D"], d["V"])
