@@ -87,7 +87,8 @@ def test_precondition_of_pyros_multivariate_normal_guide():
     assert torch.allclose(post.covariance_matrix.detach(), fit.cov, rtol=1e-4, atol=1e-9)
 
 
-def test_fit_guide_laplace_start_matches_the_exact_posterior_on_raw_years():
+@pytest.mark.parametrize("init", ["laplace", "auto"])
+def test_fit_guide_laplace_start_matches_the_exact_posterior_on_raw_years(init):
     # exact posterior under flat priors: sigma^2 ~ InvGamma((n - 3) / 2, RSS / 2),
     # beta | sigma ~ N(beta_hat, sigma^2 (X'X)^-1); moments in closed form
     bhat, rss, xtx = _least_squares(YEAR, TEMP)
@@ -98,7 +99,8 @@ def test_fit_guide_laplace_start_matches_the_exact_posterior_on_raw_years():
     sd_beta = (torch.linalg.inv(xtx).diagonal() * e_sigma2).sqrt()
     sd_sigma = math.sqrt(e_sigma2 - e_sigma**2)
     guide = AutoRealNVP(flat_regression, num_layers=2, hidden_dims=(8,), affine="full")
-    fit_guide(flat_regression, guide, YEAR, TEMP, num_steps=400, init="laplace", progress_bar=False)
+    result = fit_guide(flat_regression, guide, YEAR, TEMP, num_steps=400, init=init, progress_bar=False)
+    assert result.init == "laplace"  # "auto" (the default) chose it: a fresh flow guide, a strict mode
     with torch.no_grad():
         z = guide.get_posterior().sample((20000,))
     beta, s = z[:, :2].double(), z[:, 2].double().exp()
@@ -106,6 +108,54 @@ def test_fit_guide_laplace_start_matches_the_exact_posterior_on_raw_years():
     assert ((beta.std(0) / sd_beta) - 1).abs().max() < 0.1
     assert abs(float(s.mean()) - e_sigma) / sd_sigma < 0.1
     assert abs(float(s.std()) / sd_sigma - 1) < 0.1
+
+
+def _no_strict_mode(y):  # the likelihood does not involve x: the log joint is flat in it
+    pyro.sample("x", dist.ImproperUniform(constraints.real, (), ()))
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def _subsampled(y):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(y), subsample_size=2) as i:
+        pyro.sample("y", dist.Normal(mu, 1.0), obs=y[i])
+
+
+def test_auto_init_starts_where_laplace_applies_and_falls_back_otherwise():
+    y = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    # a flow guide on a model with a strict mode: the Laplace start (the guide's fixed
+    # last stage is the Laplace approximation: its location is the exact mode 5/5 = 1)
+    pyro.set_rng_seed(0)
+    guide = AutoRealNVP(conjugate, num_layers=2, hidden_dims=(8,))
+    result = fit_guide(conjugate, guide, y, num_steps=2, progress_bar=False)
+    assert result.init == "laplace" and "init='laplace'" in repr(result)
+    assert float(guide.flow[-1].loc) == pytest.approx(1.0, abs=1e-4)
+    # fitted again: it goes on from its parameters, no new start
+    before = {k: v.detach().clone() for k, v in guide.named_parameters()}
+    again = fit_guide(conjugate, guide, y, num_steps=2, progress_bar=False)
+    assert again.init.startswith("own: the guide's parameters were already built")
+    assert len(dict(guide.named_parameters())) == len(before)
+    assert float(guide.flow[-1].loc) == pytest.approx(1.0, abs=1e-4)
+    # a fresh guide of the same name over a param store that holds the first one's: refused
+    with pytest.raises(ValueError, match="clear_param_store"):
+        fit_guide(conjugate, AutoRealNVP(conjugate), y, num_steps=2, progress_bar=False)
+    assert fit_guide(conjugate, AutoRealNVP(conjugate), y, num_steps=2, init=None,
+                     progress_bar=False).init == "own"
+    pyro.clear_param_store()
+    # no strict mode (the Hessian is singular): the guide's own start
+    result = fit_guide(_no_strict_mode, AutoRealNVP(_no_strict_mode, init_loc_fn=init_to_support), y,
+                       num_steps=2, progress_bar=False)
+    assert result.init.startswith("own: the Laplace fit did not converge")
+    pyro.clear_param_store()
+    # a model that subsamples its data: the guide's own start
+    result = fit_guide(_subsampled, AutoRealNVP(_subsampled), y, num_steps=2, progress_bar=False)
+    assert result.init.startswith("own: the model subsamples")
+    pyro.clear_param_store()
+    # Pyro's own guides keep their own start
+    result = fit_guide(conjugate, AutoMultivariateNormal(conjugate), y, num_steps=2, progress_bar=False)
+    assert result.init.startswith("own: not a flow guide")
 
 
 def test_init_options_refuse_bad_input():

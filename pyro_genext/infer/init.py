@@ -153,6 +153,48 @@ class _Unconstrained:
         return trace.log_prob_sum() + ladj
 
 
+def _value(target: _Unconstrained, u: torch.Tensor) -> float:
+    """The log joint at ``u``, ``-inf`` where the model cannot be evaluated (a parameter
+    outside its distribution's support: Pyro's validation raises ``ValueError``)."""
+    try:
+        with torch.no_grad():
+            value = float(target(u))
+    except ValueError:
+        return -math.inf
+    return value if math.isfinite(value) else -math.inf
+
+
+def _lbfgs(target: _Unconstrained, max_iter: int, tolerance: float) -> torch.Tensor:
+    """L-BFGS with a strong-Wolfe line search from ``target.start``. A trial point where
+    the model fails (a first step of unit length overflowing a rate: an HMM of
+    posteriordb from some prior medians) restarts it from the start with a step ten
+    times shorter, at most three times; the point with the highest log joint reached
+    is returned."""
+    best, best_value = target.start.clone(), _value(target, target.start)
+    for lr in (1.0, 0.1, 0.01):
+        u = target.start.clone().requires_grad_(True)
+        optim = torch.optim.LBFGS([u], lr=lr, max_iter=max_iter, tolerance_grad=tolerance,
+                                  tolerance_change=tolerance * 1e-2, history_size=50,
+                                  line_search_fn="strong_wolfe")
+
+        def closure(optim: torch.optim.LBFGS = optim, u: torch.Tensor = u) -> torch.Tensor:
+            optim.zero_grad()
+            loss = -target(u)
+            loss.backward()
+            return loss
+
+        try:
+            optim.step(closure)
+        except ValueError:
+            continue
+        value = _value(target, u.detach())
+        if value > best_value:
+            best, best_value = u.detach().clone(), value
+        if math.isfinite(value):
+            break
+    return best
+
+
 def laplace(
     model: Callable[..., Any],
     *args: Any,
@@ -196,19 +238,7 @@ def laplace(
     if not (isinstance(tolerance, float) and tolerance > 0):
         raise ValueError(f"laplace: expected tolerance a float > 0, got {tolerance!r}")
     target = _Unconstrained(model, args, kwargs, init_loc_fn or _init_median_or_support)
-    u = target.start.clone().requires_grad_(True)
-    optim = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance,
-                              tolerance_change=tolerance * 1e-2, history_size=50,
-                              line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optim.zero_grad()
-        loss = -target(u)
-        loss.backward()
-        return loss
-
-    optim.step(closure)  # from far away into the mode's basin
-    u = u.detach()
+    u = _lbfgs(target, max_iter, tolerance)  # from far away into the mode's basin
     # then Newton steps, which L-BFGS's curvature estimate needs on badly scaled
     # coordinates (raw dollars: it stopped 6 sds short of the earnings mode in float32)
     converged = False
@@ -228,8 +258,7 @@ def laplace(
         t, base = 1.0, float(loss.detach())
         while t > 1e-4:  # backtracking
             trial = u - t * step
-            with torch.no_grad():
-                value = float(-target(trial))
+            value = -_value(target, trial)
             if math.isfinite(value) and value <= base - 0.25 * t * decrement:
                 break
             t /= 2
@@ -283,6 +312,14 @@ class Standardised(Bijector):
         return w.squeeze(-1), self._ladj(y)
 
 
+def stale_params(guide: Any) -> list[str]:
+    """The names in Pyro's param store that ``guide``'s first call would load (those
+    under its ``_pyro_name``)."""
+    name = guide._pyro_name
+    return [k for k in pyro.get_param_store().keys()
+            if k.startswith(name) and k[len(name):][:1] in (".", "$")]
+
+
 def precondition(guide: Any, fit: Laplace, model: Callable[..., Any], *args: Any, scale: bool = True,
                  **kwargs: Any) -> Any:
     r"""Start ``guide`` at the Laplace approximation ``fit`` of ``model``. Builds the guide's
@@ -327,8 +364,7 @@ def precondition(guide: Any, fit: Laplace, model: Callable[..., Any], *args: Any
     if guide.prototype_trace is not None:
         raise ValueError("precondition: the guide's parameters are already built; precondition a "
                          "fresh guide (before its first call)")
-    stale = [k for k in pyro.get_param_store().keys()
-             if k.startswith(guide._pyro_name) and k[len(guide._pyro_name):][:1] in (".", "$")]
+    stale = stale_params(guide)
     if stale:  # the guide's first call would load them over the preconditioned values
         raise ValueError(f"precondition: Pyro's param store already holds parameters under the "
                          f"guide's name {guide._pyro_name!r} (e.g. {stale[0]!r}), which the guide's "
