@@ -11,8 +11,8 @@ import torch
 from pyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from torch.distributions import constraints
 
-from pyro_genext.infer import AutoRealNVP, fit_guide
-from pyro_genext.infer.init import init_to_support, laplace, precondition
+from pyro_genext.infer import AutoRealNVP, fit_guide, targets
+from pyro_genext.infer.init import init_to_support, laplace, precondition, start_elbo
 
 # a regression on raw years (a predictor near 2000 with small spread), as kilpisjarvi's
 YEAR = torch.arange(1952.0, 2014.0)
@@ -153,6 +153,20 @@ def test_auto_init_starts_where_laplace_applies_and_falls_back_otherwise():
     result = fit_guide(_subsampled, AutoRealNVP(_subsampled), y, num_steps=2, progress_bar=False)
     assert result.init.startswith("own: the model subsamples")
     pyro.clear_param_store()
+    # a mode unlike the bulk: Neal's funnel's is in the neck (y = -40.5, sds of x e^-20):
+    # the guide's own start has the higher ELBO and is kept, drawing what init=None draws
+    funnel = targets.funnel()
+    fits = {}
+    for init in ("auto", None):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        guide = AutoRealNVP(funnel.model, num_layers=2, hidden_dims=(8,))
+        fits[init] = fit_guide(funnel.model, guide, num_steps=3, init=init, progress_bar=False)
+        fits[init].params = [p.detach().clone() for p in guide.parameters()]
+    assert fits["auto"].init.startswith("own: its start's ELBO")
+    assert fits["auto"].losses == fits[None].losses
+    assert all(torch.equal(a, b) for a, b in zip(fits["auto"].params, fits[None].params))
+    pyro.clear_param_store()
     # Pyro's own guides keep their own start
     result = fit_guide(conjugate, AutoMultivariateNormal(conjugate), y, num_steps=2, progress_bar=False)
     assert result.init.startswith("own: not a flow guide")
@@ -172,6 +186,8 @@ def test_init_options_refuse_bad_input():
         precondition(guide, fit, flat_regression, YEAR, TEMP)
     with pytest.raises(ValueError, match="max_iter"):
         laplace(flat_regression, YEAR, TEMP, max_iter=0)
+    with pytest.raises(ValueError, match=r"loc \(3,\) and scale_tril \(3, 3\)"):
+        start_elbo(flat_regression, fit.loc[:2], fit.cov, YEAR, TEMP)
 
 
 def conjugate(y):
