@@ -168,16 +168,18 @@ def reference(target: Target, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ one fit
-def svi_loop(target: Target, guide: Any, steps: int) -> tuple[list[float], int]:
-    """The plain loop of issue 15."""
+def svi_loop(target: Target, guide: Any, steps: int) -> tuple[list[float], int, dict[str, Any]]:
+    """The plain loop of issue 15. Every loop returns the losses, the steps run and what
+    else it records (``fit_guide``'s: where the guide started)."""
     optim = pyro.optim.ClippedAdam({"lr": 5e-3, "clip_norm": 10.0, "lrd": 0.1 ** (1 / steps)})
     svi = SVI(target.model, guide, optim, Trace_ELBO(num_particles=8, vectorize_particles=True))
-    return [svi.step(*target.args) for _ in range(steps)], steps
+    return [svi.step(*target.args) for _ in range(steps)], steps, {}
 
 
-def fit_loop(target: Target, guide: Any, steps: int, **options: Any) -> tuple[list[float], int]:
+def fit_loop(target: Target, guide: Any, steps: int,
+             **options: Any) -> tuple[list[float], int, dict[str, Any]]:
     result = fit_guide(target.model, guide, *target.args, num_steps=steps, progress_bar=False, **options)
-    return result.losses, result.num_steps
+    return result.losses, result.num_steps, {"init": result.init}
 
 
 LOOPS = {
@@ -227,9 +229,9 @@ def run(target: Target, spec: str, loop: str, steps: int, seed: int, ref: dict[s
     pyro.set_rng_seed(seed)
     guide = make_guide(spec, target.model)
     t0 = time.perf_counter()
-    losses, ran = LOOPS[loop](target, guide, steps)
+    losses, ran, extra = LOOPS[loop](target, guide, steps)
     wall = time.perf_counter() - t0
-    out = {"steps_run": ran, "seconds": wall, "step_ms": 1000 * wall / max(1, ran),
+    out = {**extra, "steps_run": ran, "seconds": wall, "step_ms": 1000 * wall / max(1, ran),
            "final_loss": statistics.mean(losses[-100:]),
            "finite": all(math.isfinite(v) for v in losses),
            "params": sum(p.numel() for p in pyro.get_param_store().values())}

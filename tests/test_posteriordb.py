@@ -256,4 +256,9 @@ def test_benchmark_smoke(tmp_path, monkeypatch, capsys):
     finally:
         logging.getLogger("pyro").setLevel(level)
     assert "## mesquite-logmesquite_logvolume" in table and "NUTS against the reference" in table
-    assert "AutoRealNVP against the others" in table
+    assert "AutoRealNVP (fit) against AutoMultivariateNormal (fit)" in table
+    assert "of 1 posteriors: best or tied on" in table
+    # fit_guide's rows say where the guide started: AutoRealNVP at the Laplace approximation
+    starts = {(r["guide"], r["loop"]): r.get("init") for r in records}
+    assert starts[("AutoRealNVP", "fit")] == "laplace" and starts[("AutoRealNVP", "svi")] is None
+    assert starts[("AutoMultivariateNormal", "fit")].startswith("own: not a flow guide")
