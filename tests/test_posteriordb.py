@@ -202,13 +202,19 @@ def test_laplace_finds_each_posteriors_mode(name):
     the 37 is 2.2 reference sds, eight schools' log tau) and the Laplace sds are near the
     reference sds (0.38-1.49 of them). L-BFGS's first unit step from the prior's median
     overflowed the HMM's rates (hmm_drive_0, every seed) and mesquite's log volume
-    (seed 0) before a trial point where the model fails restarted it with a shorter step."""
+    (seed 0) before a trial point where the model fails restarted it with a shorter step;
+    on earnings in dollars from seed 2's start of sigma, float32 L-BFGS stopped early at an
+    indefinite Hessian before L-BFGS restarted after failed Newton steps."""
     from pyro_genext.infer.init import laplace
 
     target = load_posterior(name, ROOT)
     pyro.set_rng_seed(0)
     fit = laplace(target.model, *target.args)
     assert fit.converged
+    if name == "earnings-earn_height":  # float32 L-BFGS stopped early from seed 2's start
+        pyro.set_rng_seed(2)
+        again = laplace(target.model, *target.args)
+        assert again.converged and again.log_joint == pytest.approx(fit.log_joint, abs=1e-2)
     u, _ = log_density(target, target.draws)
     ref = torch.cat([v.detach().reshape(len(v), -1) for v in u.values()], 1)
     z = (fit.loc - ref.mean(0)) / ref.std(0)

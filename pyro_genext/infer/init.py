@@ -164,15 +164,14 @@ def _value(target: _Unconstrained, u: torch.Tensor) -> float:
     return value if math.isfinite(value) else -math.inf
 
 
-def _lbfgs(target: _Unconstrained, max_iter: int, tolerance: float) -> torch.Tensor:
-    """L-BFGS with a strong-Wolfe line search from ``target.start``. A trial point where
-    the model fails (a first step of unit length overflowing a rate: an HMM of
-    posteriordb from some prior medians) restarts it from the start with a step ten
-    times shorter, at most three times; the point with the highest log joint reached
-    is returned."""
-    best, best_value = target.start.clone(), _value(target, target.start)
+def _lbfgs(target: _Unconstrained, start: torch.Tensor, max_iter: int, tolerance: float) -> torch.Tensor:
+    """L-BFGS with a strong-Wolfe line search from ``start``. A trial point where the
+    model fails (a first step of unit length overflowing a rate: an HMM of posteriordb
+    from some prior medians) restarts it from the start with a step ten times shorter,
+    at most three times; the point with the highest log joint reached is returned."""
+    best, best_value = start.clone(), _value(target, start)
     for lr in (1.0, 0.1, 0.01):
-        u = target.start.clone().requires_grad_(True)
+        u = start.clone().requires_grad_(True)
         optim = torch.optim.LBFGS([u], lr=lr, max_iter=max_iter, tolerance_grad=tolerance,
                                   tolerance_change=tolerance * 1e-2, history_size=50,
                                   line_search_fn="strong_wolfe")
@@ -193,6 +192,36 @@ def _lbfgs(target: _Unconstrained, max_iter: int, tolerance: float) -> torch.Ten
         if math.isfinite(value):
             break
     return best
+
+
+def _newton(target: _Unconstrained, u: torch.Tensor, steps: int,
+            tolerance: float) -> tuple[torch.Tensor, bool]:
+    """At most ``steps`` Newton steps with backtracking; whether the squared Newton
+    decrement fell below ``2 * tolerance`` at a point with a positive definite negative
+    Hessian."""
+    for _ in range(steps):
+        v = u.clone().requires_grad_(True)
+        loss = -target(v)
+        (grad,) = torch.autograd.grad(loss, v)
+        hess = _hessian(target, u)
+        chol, info = torch.linalg.cholesky_ex(hess)
+        if info != 0 or not torch.isfinite(grad).all():
+            return u, False
+        step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
+        decrement = float(grad @ step)  # the squared Newton decrement: invariant to scale
+        if decrement < tolerance * 2:
+            return u, True
+        t, base = 1.0, float(loss.detach())
+        while t > 1e-4:  # backtracking
+            trial = u - t * step
+            value = -_value(target, trial)
+            if math.isfinite(value) and value <= base - 0.25 * t * decrement:
+                break
+            t /= 2
+        else:
+            return u, False
+        u = trial
+    return u, False
 
 
 def start_elbo(model: Callable[..., Any], loc: torch.Tensor, scale_tril: torch.Tensor, *args: Any,
@@ -284,33 +313,22 @@ def laplace(
     if not (isinstance(tolerance, float) and tolerance > 0):
         raise ValueError(f"laplace: expected tolerance a float > 0, got {tolerance!r}")
     target = _Unconstrained(model, args, kwargs, init_loc_fn or _init_median_or_support)
-    u = _lbfgs(target, max_iter, tolerance)  # from far away into the mode's basin
-    # then Newton steps, which L-BFGS's curvature estimate needs on badly scaled
-    # coordinates (raw dollars: it stopped 6 sds short of the earnings mode in float32)
-    converged = False
-    for _ in range(newton_steps):
-        v = u.clone().requires_grad_(True)
-        loss = -target(v)
-        (grad,) = torch.autograd.grad(loss, v)
-        hess = _hessian(target, u)
-        chol, info = torch.linalg.cholesky_ex(hess)
-        if info != 0 or not torch.isfinite(grad).all():
+    # L-BFGS from far away into the mode's basin, then Newton steps, which L-BFGS's
+    # curvature estimate needs on badly scaled coordinates (raw dollars: it stopped 6 sds
+    # short of the earnings mode in float32). L-BFGS in float32 can also stop early where
+    # the log joint is large (it stops on a change below ``tolerance * 1e-2``, finer than
+    # float32 resolves at 1e4): where the Newton steps then fail (an indefinite Hessian,
+    # earnings from some starts of sigma), L-BFGS restarts from where they left off, up to
+    # three times, while it still gains.
+    u = _lbfgs(target, target.start, max_iter, tolerance)
+    for _ in range(4):
+        u, converged = _newton(target, u, newton_steps, tolerance)
+        if converged:
             break
-        step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
-        decrement = float(grad @ step)  # the squared Newton decrement: invariant to scale
-        if decrement < tolerance * 2:
-            converged = True
+        again = _lbfgs(target, u, max_iter, tolerance)
+        if not _value(target, again) > _value(target, u) + tolerance:
             break
-        t, base = 1.0, float(loss.detach())
-        while t > 1e-4:  # backtracking
-            trial = u - t * step
-            value = -_value(target, trial)
-            if math.isfinite(value) and value <= base - 0.25 * t * decrement:
-                break
-            t /= 2
-        else:
-            break
-        u = trial
+        u = again
     hess = _hessian(target, u)
     chol, info = torch.linalg.cholesky_ex(hess)
     if info != 0:  # not a strict maximum: keep the mode, with unit scales
