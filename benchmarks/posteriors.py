@@ -191,6 +191,9 @@ LOOPS = {
     # fit_guide started at the posterior's mode, in the Laplace approximation's units
     # (docs/real_models.rst): for flat priors and raw-scale data
     "fit-laplace": partial(fit_loop, init="laplace"),
+    # fit_guide from the guide's own start (init_loc_fn, init_scale): the default before
+    # issue 24's init="auto"
+    "fit-own": partial(fit_loop, init=None),
 }
 
 
