@@ -248,6 +248,60 @@ def summary(fits: list[dict[str, Any]], ours: tuple[str, str] = ("AutoRealNVP", 
     return "\n".join(lines)
 
 
+def figure(records: list[dict[str, Any]], out: Path) -> None:
+    """Which guide on which kind of model: per posterior (grouped by family, rows), each
+    (guide, loop)'s moment error ``mean_err_u + sd_err_u`` (mean over seeds; a cross where
+    every fit failed) on a log scale, and the IW-ELBO deficit from the best row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fits = [r for r in records if r["loop"] != "nuts"]
+    posts = sorted({r["posterior"] for r in fits}, key=lambda p: (p.split("-")[0].rstrip("0123456789"), p))
+    keys = list(dict.fromkeys((r["guide"], r["loop"]) for r in fits))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.28 * len(posts) + 1.5), sharey=True)
+    markers = "osD^v<>ph*"
+    for i, (guide, loop) in enumerate(keys):
+        xs_err, xs_iw, ys, failed = [], [], [], []
+        for j, p in enumerate(posts):
+            rows = [r for r in fits if (r["posterior"], r["guide"], r["loop"]) == (p, guide, loop)]
+            ok = [r for r in rows if "error" not in r]
+            if rows and not ok:
+                failed.append(j)
+            if not ok:
+                continue
+            best = max(statistics.mean(r["iw_elbo"] for r in fits if r["posterior"] == p and "error" not in r
+                                       and (r["guide"], r["loop"]) == k) for k in keys
+                       if any(r["posterior"] == p and "error" not in r and (r["guide"], r["loop"]) == k
+                              for r in fits))
+            xs_err.append(statistics.mean(r["mean_err_u"] + r["sd_err_u"] for r in ok))
+            xs_iw.append(max(1e-3, best - statistics.mean(r["iw_elbo"] for r in ok)))
+            ys.append(j)
+        label = f"{guide} ({loop})"
+        offset = (i - (len(keys) - 1) / 2) * 0.08
+        color = f"C{i}"
+        marker = markers[i % len(markers)]
+        axes[0].scatter(xs_err, [y + offset for y in ys], marker=marker, color=color, s=22, label=label)
+        axes[1].scatter(xs_iw, [y + offset for y in ys], marker=marker, color=color, s=22)
+        if failed:  # hollow, at the left edge
+            axes[0].scatter([3e-3] * len(failed), [y + offset for y in failed], marker=marker, s=30,
+                            facecolors="none", edgecolors=color)
+    axes[0].set_xscale("log")
+    axes[1].set_xscale("log")
+    axes[0].set_yticks(range(len(posts)), posts, fontsize=7)
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("moment error: mean + sd error, unconstrained, in reference sds\n"
+                       "(hollow, at the left edge: every fit failed)")
+    axes[1].set_xlabel("IW-ELBO below the best row, nats (floored at 1e-3)")
+    for ax in axes:
+        ax.grid(True, which="major", axis="x", alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), fontsize=8, loc="upper center", ncol=4)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -264,9 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nuts-samples", type=int, default=1000)
     p.add_argument("--json", type=Path, default=None, help="records, one per fit, resumable")
     p.add_argument("--table", type=Path, nargs="+", default=None, help="print the tables of records files")
+    p.add_argument("--figure", type=Path, default=None, help="with --table: also draw the figure here")
+    p.add_argument("--only-loops", nargs="+", default=None, help="with --table: these loops only")
     a = p.parse_args(argv)
     if a.table:
-        print(table([r for path in a.table for r in load_records(path)]))
+        records = [r for path in a.table for r in load_records(path)
+                   if a.only_loops is None or r["loop"] in a.only_loops]
+        print(table(records))
+        if a.figure:
+            figure(records, a.figure)
         return 0
     torch.set_num_threads(1)
     logging.getLogger("pyro").setLevel(logging.WARNING)  # not the ELBO's guess of max_plate_nesting

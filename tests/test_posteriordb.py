@@ -258,7 +258,8 @@ def test_benchmark_smoke(tmp_path, monkeypatch, capsys):
         run(common + ["--nuts", "--nuts-warmup", "10", "--nuts-samples", "10"])
         nuts = [r for r in json.loads(out.read_text())["records"] if r["loop"] == "nuts"]
         assert len(nuts) == 1 and isinstance(nuts[0]["passed"], bool)
-        table = run(["--table", str(out)])
+        table = run(["--table", str(out), "--figure", str(tmp_path / "f.png")])
+        assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         logging.getLogger("pyro").setLevel(level)
     assert "## mesquite-logmesquite_logvolume" in table and "NUTS against the reference" in table
