@@ -260,7 +260,7 @@ def figure(records: list[dict[str, Any]], out: Path) -> None:
     fits = [r for r in records if r["loop"] != "nuts"]
     posts = sorted({r["posterior"] for r in fits}, key=lambda p: (p.split("-")[0].rstrip("0123456789"), p))
     keys = list(dict.fromkeys((r["guide"], r["loop"]) for r in fits))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 0.28 * len(posts) + 1.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, max(4.0, 0.28 * len(posts) + 1.5)), sharey=True)
     markers = "osD^v<>ph*"
     for i, (guide, loop) in enumerate(keys):
         xs_err, xs_iw, ys, failed = [], [], [], []
