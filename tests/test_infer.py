@@ -631,3 +631,33 @@ def test_fit_guide_refuses_a_model_that_is_not_vectorised():
     result = fit_guide(not_vectorised, guide, torch.ones(5), num_steps=5, vectorize_particles=False,
                        progress_bar=False)
     assert result.num_steps == 5
+
+
+def test_fit_guide_registers_a_flow_guides_parameters_once_and_svi_still_sees_them(monkeypatch):
+    # pyro.module walks the flow's modules and calls pyro.param for each of its tensors: a
+    # quarter of a step's time; fit_guide captures the parameters at its first evaluation
+    calls = []
+    module = pyro.module
+    monkeypatch.setattr(pyro, "module", lambda *a, **k: calls.append(a[0]) or module(*a, **k))
+    guide = AutoRealNVP(_iid, num_layers=2, hidden_dims=(4,))
+    fit_guide(_iid, guide, _IID_Y, num_steps=20, init=None, progress_bar=False)
+    assert 1 <= len(calls) <= 3  # the first evaluation and the check of vectorisation, not 20
+    # afterwards a call registers them again: SVI's capture and the param store see them
+    with pyro.poutine.trace(param_only=True) as capture:
+        guide(_IID_Y)
+    flow_params = {n for n in capture.trace.nodes if ".flow$$$" in n}
+    assert len(flow_params) == len(list(guide.flow.parameters())) > 0
+    assert guide._register_params
+    # also after a fit that fails in its loop
+    runs = []
+
+    def broken(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        runs.append(1)
+        pyro.factor("nan", mu * (float("nan") if len(runs) > 10 else 0.0))
+
+    pyro.clear_param_store()
+    other = AutoRealNVP(broken, num_layers=2, hidden_dims=(4,))
+    with pytest.raises(RuntimeError, match=r"failed at step [1-9]"):
+        fit_guide(broken, other, _IID_Y, init=None, progress_bar=False)
+    assert other._register_params
