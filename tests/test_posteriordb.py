@@ -47,6 +47,16 @@ def test_stan_draws_maps_indices():
         stan_draws([{"beta(1)": [0.0]}])
 
 
+def test_flat_prior_starts_on_the_datas_device_and_dtype():
+    x = torch.zeros(3, dtype=torch.float64, device="meta")
+    with pyro.poutine.trace() as tr:
+        _flat("b", dist.constraints.positive, x, (2,))
+    site = tr.trace.nodes["b"]
+    assert site["value"].device.type == "meta" and site["value"].dtype == torch.float64
+    assert site["fn"].expand((4,)).sample().shape == (4, 2)
+    assert site["fn"].expand((4,)).sample().device.type == "meta"
+
+
 def test_no_folder_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv(ENV_VAR, raising=False)
     with pytest.raises(ValueError, match=ENV_VAR):

@@ -90,26 +90,29 @@ class FlatPrior(dist.ImproperUniform):
     """
 
     def __init__(self, support: constraints.Constraint, event_shape: tuple[int, ...] = (),
-                 batch_shape: tuple[int, ...] = (), dtype: torch.dtype | None = None) -> None:
+                 batch_shape: tuple[int, ...] = (), dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__(support, torch.Size(batch_shape), torch.Size(event_shape))
         self.dtype = dtype or torch.get_default_dtype()
+        self.device = torch.device(device) if device is not None else None
 
     def expand(self, batch_shape: Any, _instance: Any = None) -> FlatPrior:
-        return FlatPrior(self._support, tuple(self.event_shape), tuple(batch_shape), self.dtype)
+        return FlatPrior(self._support, tuple(self.event_shape), tuple(batch_shape), self.dtype, self.device)
 
     def sample(self, sample_shape: Any = ()) -> torch.Tensor:
         t = biject_to(self._support)
         shape = torch.Size(sample_shape) + self.batch_shape + t.inv.forward_shape(self.event_shape)
-        with torch.no_grad():
-            return t(torch.rand(shape, dtype=self.dtype) * 4 - 2)
+        with torch.no_grad():  # on the data's device: the start of a model on a GPU
+            return t(torch.rand(shape, dtype=self.dtype, device=self.device) * 4 - 2)
 
 
 def _flat(name: str, support: constraints.Constraint, like: torch.Tensor,
           shape: tuple[int, ...] = ()) -> torch.Tensor:
-    """A parameter of ``shape`` with a flat prior on ``support`` (one site), in ``like``'s dtype."""
+    """A parameter of ``shape`` with a flat prior on ``support`` (one site), in ``like``'s dtype
+    and on its device."""
     if shape and support.event_dim == 0:
         support = constraints.independent(support, len(shape))
-    return pyro.sample(name, FlatPrior(support, shape, dtype=like.dtype))
+    return pyro.sample(name, FlatPrior(support, shape, dtype=like.dtype, device=like.device))
 
 
 class PositiveNormal(dist.TorchDistribution):
