@@ -381,8 +381,9 @@ class ResampledPosterior:
             sorted_v, order = flat.sort(0)
             cdf = self.weights.to(v)[order].cumsum(0)  # (N, elements), each column ends at 1
             p = torch.tensor(list(probs), dtype=cdf.dtype, device=cdf.device)
-            # first index whose CDF reaches p; rounding can leave the last CDF a hair below 1
-            idx = (cdf[None] < p[:, None, None] * cdf[-1]).sum(1).clamp(max=len(v) - 1)
+            # first index whose CDF reaches p (and is above 0: a draw of weight 0 is not a
+            # quantile, for p = 0 either); rounding can leave the last CDF a hair below 1
+            idx = ((cdf[None] < p[:, None, None] * cdf[-1]) | (cdf[None] <= 0)).sum(1).clamp(max=len(v) - 1)
             out[k] = sorted_v.gather(0, idx).reshape((len(p),) + v.shape[1:])
         return out
 

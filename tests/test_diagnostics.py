@@ -294,6 +294,16 @@ def test_weighted_sd_and_quantiles_match_an_independent_computation():
             assert np.allclose(q[name].reshape(len(probs), -1)[:, j].double().numpy(), expected,
                                rtol=1e-6), (name, j)
         assert q[name].shape == (len(probs),) + r.weighted[name].shape[1:]
+    # a draw of weight 0 is not a quantile: the smallest draws of mu weighted 0 (PSIS
+    # weights of a fitted guide are never exactly 0, so set them); the 0-quantile is the
+    # smallest draw of positive weight, as NumPy's
+    x = r.weighted["mu"].double().numpy()
+    w0 = w.copy()
+    w0[np.argsort(x)[:3]] = 0.0
+    r.weights = torch.tensor(w0 / w0.sum(), dtype=r.weights.dtype)
+    expected = np.quantile(x, probs, weights=w0 / w0.sum(), method="inverted_cdf")
+    assert np.allclose(r.quantiles(probs)["mu"].double().numpy(), expected, rtol=1e-6)
+    assert r.quantiles([0.0])["mu"] > np.sort(x)[2]
     for bad in [[], [1.5], "0.5", 0.5, [True]]:
         with pytest.raises(ValueError, match="probs"):
             r.quantiles(bad)
