@@ -44,7 +44,7 @@ from ..transforms import Chain
 from ..transforms.base import Bijector
 from ..transforms.linear import _softplus_inverse
 
-__all__ = ["Laplace", "Standardised", "init_to_support", "laplace", "precondition", "start_elbo"]
+__all__ = ["Laplace", "Standardised", "init_to_support", "laplace", "precondition", "stale_params", "start_elbo"]
 
 
 def init_to_support(site: dict[str, Any]) -> torch.Tensor:
