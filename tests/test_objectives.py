@@ -285,6 +285,30 @@ def test_fit_guide_learning_rate_never_falls_below_its_floor():
     assert plain.learning_rates == pytest.approx([0.01 * 0.1 ** (i / 200) for i in range(200)], rel=1e-6)
 
 
+def test_dreg_does_not_depend_on_the_guide_registering_its_parameters_each_call():
+    # fit_guide registers a flow guide's parameters once (its first evaluation), not at
+    # every step; the bound's choice of DReG for an stl guide must not read it from the
+    # parameters the call registered (it did: IWAE's biased gradient, silently, in every
+    # importance-weighted fit_guide step after the first)
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0])).to_event(1))
+
+    guide = AutoRealNVP(model, num_layers=2, init_coupling_scale=0.1)
+    loss_fn = ImportanceWeightedELBO(8)(model, guide)
+    loss_fn()  # builds the guide's parameters
+
+    def gradient(register):
+        guide._register_params = register
+        pyro.set_rng_seed(1)
+        for p in guide.parameters():
+            p.grad = None
+        loss_fn().backward()
+        return torch.cat([p.grad.reshape(-1) for p in guide.parameters()])
+
+    assert torch.allclose(gradient(False), gradient(True), rtol=1e-6, atol=1e-8)
+    guide._register_params = True
+
+
 def test_fit_result_repr_is_short():
     from pyro_genext.infer import fit_guide
 

@@ -170,8 +170,10 @@ class ImportanceWeightedELBO(ELBO):
             return -scale * bound.sum()
         found = (s["value"].unconstrained() for s in capture.trace.nodes.values())  # type: ignore[union-attr]
         params = [p for p in {id(p): p for p in found}.values() if p.requires_grad]
+        # from the guide, not from the parameters this call registered: fit_guide's loop
+        # does not register a flow guide's parameters at every step
         path_only = path_only_parameters(guide)
-        if not any(id(p) in path_only for p in params):  # IWAE for every parameter
+        if not path_only:  # IWAE for every parameter
             return -scale * bound.sum()
         w = torch.softmax(lw.detach(), 0)
         loss = -(scale * (bound.detach().sum() + (w**2 * (lw - lw.detach())).sum()))  # DReG
