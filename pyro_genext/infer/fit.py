@@ -152,9 +152,10 @@ def _auto_init(model: Callable[..., Any], guide: Any, args: Any, kwargs: Any) ->
     Laplace approximation is found (:func:`~pyro_genext.infer.init.laplace` converged)
     and has a higher ELBO than the guide's own start (the Gaussian
     ``N(init_loc_fn, init_scale^2 I)``, which a flow guide of this library is at its
-    start), else ``(None, "own: <why>")``. Runs on saved and restored random states: a
-    fall-back start draws what ``init=None`` would."""
-    from .init import _Unconstrained, init_to_support, laplace, stale_params, start_elbo
+    start), else ``(None, "own: <why>")``. Each part runs on the random states it was
+    called with, restored after it: the own start judged is the one the guide then takes,
+    and a fall-back start draws what ``init=None`` would."""
+    from .init import _laplace, _rng_kept, _start_elbo, _Unconstrained, init_to_support, stale_params
 
     if not isinstance(guide, AutoCouplingFlow):
         return None, "own: not a flow guide of this library"
@@ -166,28 +167,29 @@ def _auto_init(model: Callable[..., Any], guide: Any, args: Any, kwargs: Any) ->
                          f"name {guide._pyro_name!r} (e.g. {stale[0]!r}), which its first call would load "
                          "over the start that init='auto' gives a fresh guide; call "
                          "pyro.clear_param_store() first, or pass init=None to start from them")
-    state = pyro.util.get_rng_state()
     try:
-        if _subsamples(model, args, kwargs):
-            return None, "own: the model subsamples its data (the Laplace fit needs the full log joint)"
-        fit = laplace(model, *args, **kwargs)
+        with _rng_kept():
+            if _subsamples(model, args, kwargs):
+                return None, "own: the model subsamples its data (the Laplace fit needs the full log joint)"
+        with _rng_kept():
+            fit = _laplace(model, args, kwargs)
         if not fit.converged:
             return None, "own: the Laplace fit did not converge (no strict mode)"
-        lap = start_elbo(model, fit.loc, torch.linalg.cholesky(fit.cov), *args, **kwargs)
-        try:  # the guide's own start; a flat prior cannot be sampled by Pyro's init_loc_fns
-            own_loc = _Unconstrained(guide.model, args, kwargs, init_to_support).start  # its init_loc_fn
-            eye = torch.eye(len(own_loc), dtype=own_loc.dtype, device=own_loc.device)
-            own = start_elbo(model, own_loc, guide._init_scale * eye, *args, **kwargs)
-        except (NotImplementedError, ValueError, RuntimeError):
-            own = -math.inf
+        lap = _start_elbo(model, fit.loc, torch.linalg.cholesky(fit.cov), args, kwargs)
     except (ValueError, RuntimeError, NotImplementedError) as e:
         return None, f"own: the Laplace fit failed ({str(e).splitlines()[0][:120]})"
-    finally:
-        pyro.util.set_rng_state(state)
+    try:  # the guide's own start (its init_loc_fn); Pyro's cannot sample a flat prior
+        with _rng_kept():
+            own_loc = _Unconstrained(guide.model, args, kwargs, init_to_support).start
+        eye = torch.eye(len(own_loc), dtype=own_loc.dtype, device=own_loc.device)
+        own = _start_elbo(model, own_loc, guide._init_scale * eye, args, kwargs)
+    except (NotImplementedError, ValueError, RuntimeError):
+        own = -math.inf
     if not lap > own:  # a funnel's mode: the neck, with sds of e^-20
-        return None, (f"own: its start's ELBO ({own:.4g}) is above the Laplace approximation's "
+        return None, (f"own: its start's ELBO ({own:.4g}) is not below the Laplace approximation's "
                       f"({lap:.4g}): the mode is unlike the posterior's bulk (e.g. a funnel's neck)")
     return fit, "laplace"
+
 
 def fit_guide(
     model: Callable[..., Any],
@@ -383,17 +385,17 @@ def fit_guide(
     _check("temper", temper, _whole(temper) and 0 <= temper <= num_steps, "an integer in [0, num_steps]")
     _check("temper_start", temper_start, _finite(temper_start) and 0 < temper_start <= 1, "in (0, 1]")
 
-    from .init import laplace, precondition
+    if objective == "iwae" and not vectorize_particles:
+        raise ValueError("fit_guide: objective='iwae' needs vectorize_particles=True")
+    from .init import _laplace, _precondition
 
     started, mode = "own", None
     if init == "auto":
         mode, started = _auto_init(model, guide, args, kwargs)
     elif init is not None:  # start at the posterior's mode (issue 24)
-        mode, started = laplace(model, *args, **kwargs), init
+        mode, started = _laplace(model, args, kwargs), init
     if mode is not None:
-        precondition(guide, mode, model, *args, scale=started == "laplace", **kwargs)
-    if objective == "iwae" and not vectorize_particles:
-        raise ValueError("fit_guide: objective='iwae' needs vectorize_particles=True")
+        _precondition(guide, mode, model, args, kwargs, scale=started == "laplace")
     tempered = None
     if temper:  # the likelihood's weight rises to 1 over the first `temper` steps (issue 24)
         from .tempering import TemperObserved, tempering_weight

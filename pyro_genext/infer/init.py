@@ -28,7 +28,8 @@ the mode only, the guide's own ``init_scale``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,8 @@ from ..transforms import Chain
 from ..transforms.base import Bijector
 from ..transforms.linear import _softplus_inverse
 
-__all__ = ["Laplace", "Standardised", "init_to_support", "laplace", "precondition", "stale_params", "start_elbo"]
+__all__ = ["Laplace", "Standardised", "init_to_support", "laplace", "precondition", "stale_params",
+           "start_elbo"]
 
 
 def init_to_support(site: dict[str, Any]) -> torch.Tensor:
@@ -64,7 +66,23 @@ def init_to_support(site: dict[str, Any]) -> torch.Tensor:
     fn = site["fn"]
     transform = biject_to(fn.support)
     shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
-    return transform(torch.zeros(shape)).detach()
+    dtype, device = _dtype_device(fn)
+    return transform(torch.zeros(shape, dtype=dtype, device=device)).detach()
+
+
+def _dtype_device(fn: Any) -> tuple[torch.dtype | None, torch.device | None]:
+    """The dtype and device of a distribution's tensors (through ``base_dist``), or those
+    it states (``FlatPrior``); ``(None, None)`` (the defaults) where it has none."""
+    seen: set[int] = set()
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
+        for value in vars(fn).values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value.dtype, value.device
+        if isinstance(getattr(fn, "device", None), torch.device):
+            return getattr(fn, "dtype", None), fn.device
+        fn = getattr(fn, "base_dist", None)
+    return None, None
 
 
 def _init_median_or_support(site: dict[str, Any]) -> torch.Tensor:
@@ -72,6 +90,20 @@ def _init_median_or_support(site: dict[str, Any]) -> torch.Tensor:
         return init_to_median(site, fallback=init_to_support)
     except NotImplementedError:  # a distribution that cannot be sampled (ImproperUniform)
         return init_to_support(site)
+
+
+@contextmanager
+def _rng_kept() -> Iterator[None]:
+    """Run the block on saved random states, restored after it (also on an error): the
+    host's torch, numpy and ``random`` states, and every CUDA device's if CUDA is in use."""
+    state = pyro.util.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        pyro.util.set_rng_state(state)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 @dataclass
@@ -155,11 +187,12 @@ class _Unconstrained:
 
 def _value(target: _Unconstrained, u: torch.Tensor) -> float:
     """The log joint at ``u``, ``-inf`` where the model cannot be evaluated (a parameter
-    outside its distribution's support: Pyro's validation raises ``ValueError``)."""
+    outside its distribution's support: Pyro's validation raises ``ValueError``; a
+    Cholesky factorisation of the model fails with a ``RuntimeError``)."""
     try:
         with torch.no_grad():
             value = float(target(u))
-    except ValueError:
+    except (ValueError, RuntimeError):  # Pyro's validation; a model's LinAlgError
         return -math.inf
     return value if math.isfinite(value) else -math.inf
 
@@ -176,15 +209,14 @@ def _lbfgs(target: _Unconstrained, start: torch.Tensor, max_iter: int, tolerance
                                   tolerance_change=tolerance * 1e-2, history_size=50,
                                   line_search_fn="strong_wolfe")
 
-        def closure(optim: torch.optim.LBFGS = optim, u: torch.Tensor = u) -> torch.Tensor:
-            optim.zero_grad()
-            loss = -target(u)
-            loss.backward()
-            return loss
+        def closure(u: torch.Tensor = u) -> torch.Tensor:
+            loss = -target(u)  # the gradient of u only: a model's pyro.param keeps its .grad
+            (u.grad,) = torch.autograd.grad(loss, u)
+            return loss.detach()
 
         try:
             optim.step(closure)
-        except ValueError:
+        except (ValueError, RuntimeError):
             continue
         value = _value(target, u.detach())
         if value > best_value:
@@ -231,10 +263,12 @@ def start_elbo(model: Callable[..., Any], loc: torch.Tensor, scale_tril: torch.T
     :func:`laplace`), estimated from ``num_draws`` draws of a generator seeded ``seed`` on
     ``loc``'s device (the global random state is not used): :math:`\frac1N \sum_n \log
     p(x, u_n) - \log q(u_n)`. ``-inf`` where the model cannot be evaluated at a draw.
+    ``loc`` ``(D,)`` and ``scale_tril`` ``(D, D)``, lower triangular with a positive
+    diagonal, for the model's :math:`D` unconstrained coordinates; ``num_draws >= 1``.
 
     A flow guide of this library at its own start *is* such a Gaussian
-    (:math:`m` from its ``init_loc_fn``, :math:`L = \text{init\_scale}\, I`): the
-    couplings start at the identity.
+    (:math:`m` from its ``init_loc_fn``, :math:`L = \text{init\_scale}\, I`), its
+    couplings at the identity (exactly so with ``init_coupling_scale=0``, the default).
 
     Example (the conjugate model of :func:`laplace`: its Laplace approximation is the
     posterior, so every draw's log weight is the log evidence,
@@ -253,11 +287,23 @@ def start_elbo(model: Callable[..., Any], loc: torch.Tensor, scale_tril: torch.T
         >>> start_elbo(model, fit.loc + 0.5, fit.cov.sqrt(), y) < -3.83
         True
     """
-    target = _Unconstrained(model, args, kwargs, init_to_support)  # the layout: draws nothing
+    return _start_elbo(model, loc, scale_tril, args, kwargs, num_draws=num_draws, seed=seed)
+
+
+def _start_elbo(model: Callable[..., Any], loc: torch.Tensor, scale_tril: torch.Tensor, args: Any,
+                kwargs: Any, num_draws: int = 64, seed: int = 0) -> float:
+    """:func:`start_elbo` with the model's arguments as a tuple and a dict (no keyword of
+    the model can collide with ``num_draws`` or ``seed``)."""
+    if not (isinstance(num_draws, int) and not isinstance(num_draws, bool) and num_draws >= 1):
+        raise ValueError(f"start_elbo: expected num_draws an integer >= 1, got {num_draws!r}")
+    with _rng_kept():  # the layout; a prior draws on the data's device, and the draw is forgotten
+        target = _Unconstrained(model, args, kwargs, _init_median_or_support)
     d = len(target.start)
     if loc.shape != (d,) or scale_tril.shape != (d, d):
         raise ValueError(f"start_elbo: expected loc ({d},) and scale_tril ({d}, {d}) for the model's {d} "
                          f"unconstrained coordinates, got {tuple(loc.shape)} and {tuple(scale_tril.shape)}")
+    if not (torch.equal(scale_tril, scale_tril.tril()) and bool((scale_tril.diagonal() > 0).all())):
+        raise ValueError("start_elbo: expected scale_tril lower triangular with a positive diagonal")
     loc = loc.to(target.start)
     scale_tril = scale_tril.to(target.start)
     gen = torch.Generator(device=loc.device).manual_seed(seed)
@@ -306,6 +352,14 @@ def laplace(
         >>> round(float(fit.loc), 4), round(float(fit.scale), 4), fit.converged
         (0.75, 0.5, True)
     """
+    return _laplace(model, args, kwargs, init_loc_fn=init_loc_fn, max_iter=max_iter,
+                    newton_steps=newton_steps, tolerance=tolerance)
+
+
+def _laplace(model: Callable[..., Any], args: Any, kwargs: Any, init_loc_fn: Callable[..., Any] | None = None,
+             max_iter: int = 500, newton_steps: int = 50, tolerance: float = 1e-4) -> Laplace:
+    """:func:`laplace` with the model's arguments as a tuple and a dict (no keyword of the
+    model can collide with the options)."""
     if not callable(model):
         raise TypeError(f"laplace: expected a callable model, got {type(model).__name__}")
     if not (isinstance(max_iter, int) and max_iter >= 1):
@@ -418,6 +472,12 @@ def precondition(guide: Any, fit: Laplace, model: Callable[..., Any], *args: Any
         >>> [round(float(v), 3) for v in stage.loc], [round(float(v), 3) for v in stage.scale_tril.diagonal()]
         ([10000.0, 0.0], [1000.0, 0.01])
     """
+    return _precondition(guide, fit, model, args, kwargs, scale=scale)
+
+
+def _precondition(guide: Any, fit: Laplace, model: Callable[..., Any], args: Any, kwargs: Any,
+                  scale: bool = True) -> Any:
+    """:func:`precondition` with the model's arguments as a tuple and a dict."""
     from .autoguide import AutoCouplingFlow
 
     if not isinstance(guide, (AutoCouplingFlow, AutoMultivariateNormal)):
