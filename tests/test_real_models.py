@@ -393,3 +393,25 @@ def test_init_to_support_starts_on_the_distributions_device_and_dtype():
         assert value.device.type == "meta" and value.dtype == torch.float64 and value.shape == (2,)
         # on the host it was: the trace that looks for subsampling mixed devices (review)
         assert _subsamples(model, (torch.zeros(5, device="meta"),), {}) is False
+
+
+def test_a_saved_param_store_restores_a_guide_started_at_the_laplace_approximation(tmp_path):
+    # fit_guide's default gives the guide a fixed stage (the Laplace approximation); a fresh
+    # guide over the loaded store lacked it and silently drew from another density
+    guide = AutoRealNVP(flat_regression, num_layers=2, hidden_dims=(4,))
+    assert fit_guide(flat_regression, guide, YEAR, TEMP, num_steps=30, progress_bar=False).init == "laplace"
+    z = torch.tensor([[1.0, 0.02, 0.1], [0.5, 0.03, 0.2]])
+    with torch.no_grad():
+        expected = guide.get_posterior().log_prob(z)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    # (a flat prior cannot be sampled by init_to_median: start it anywhere, the store decides)
+    fresh = AutoRealNVP(flat_regression, num_layers=2, hidden_dims=(4,), init_loc_fn=init_to_support)
+    fresh.setup(YEAR, TEMP)
+    with torch.no_grad():
+        fresh(YEAR, TEMP)  # the first call takes the loaded parameters into the flow
+        assert torch.allclose(fresh.get_posterior().log_prob(z), expected)
+    # and it can be fitted further from there
+    again = fit_guide(flat_regression, fresh, YEAR, TEMP, num_steps=2, init=None, progress_bar=False)
+    assert again.init == "own" and all(math.isfinite(v) for v in again.losses)

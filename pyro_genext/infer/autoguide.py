@@ -204,11 +204,16 @@ class AutoCouplingFlow(AutoContinuous):
     (``pyro.clear_param_store()``) before fitting another model.
 
     Saving and loading: the guide's parameters live in Pyro's param store under the
-    guide's name (``"AutoRealNVP.flow$$$..."``), as those of any ``PyroModule``.
-    ``pyro.get_param_store().save(path)`` and, in a new session, ``load(path)`` before
-    the first call of a fresh guide restore the trained posterior; so does
-    ``guide.load_state_dict(state)`` once the fresh guide has been called (or
-    :meth:`setup` has been run) on the model's arguments.
+    guide's name (``"AutoRealNVP.flow$$$..."``), as those of any ``PyroModule``, and so
+    does the fixed stage of a guide started at the Laplace approximation
+    (``fit_guide``'s default ``init="auto"``, or ``precondition``:
+    ``"AutoRealNVP.standardised$$$loc"`` and ``"...$$$scale_tril"``, read by the guide,
+    never optimised). ``pyro.get_param_store().save(path)`` and, in a new session,
+    ``load(path)`` before the first call of a fresh guide restore the trained posterior,
+    fixed stage included; to fit that guide further, pass ``init=None`` to ``fit_guide``
+    (its default would refuse a param store that already holds the guide's parameters).
+    ``guide.load_state_dict(state)`` works once the fresh guide has been called (or
+    :meth:`setup` has been run) on the model's arguments after the same ``load``.
     """
 
     elementwise = "affine"
@@ -298,6 +303,29 @@ class AutoCouplingFlow(AutoContinuous):
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
         self.flow = self._build_flow(self._init_loc())
+        store = pyro.get_param_store()
+        names = self._standardised_names()
+        if all(n in store for n in names):  # a preconditioned guide's fixed stage, e.g. just loaded
+            loc, tril = (store[n].detach().clone() for n in names)
+            self._attach_standardised(loc, tril)
+
+    def _standardised_names(self) -> tuple[str, str]:
+        """Where :func:`~pyro_genext.infer.init.precondition` keeps the fixed stage in
+        Pyro's param store (read, never registered as a sample-time parameter: no
+        optimiser sees it), so that ``save``/``load`` of the store restores it."""
+        return f"{self._pyro_name}.standardised$$$loc", f"{self._pyro_name}.standardised$$$scale_tril"
+
+    def _attach_standardised(self, loc: torch.Tensor, scale_tril: torch.Tensor) -> None:
+        """Append the fixed stage ``z = loc + scale_tril w`` to the flow, and record it in
+        the param store."""
+        from .init import Standardised
+
+        ref = self._modules["flow"][-1].loc  # type: ignore[index]
+        loc, scale_tril = loc.to(ref), scale_tril.to(ref)
+        self.flow = Chain([*self.flow._parts, Standardised(loc, scale_tril)], cache_size=1)
+        store = pyro.get_param_store()
+        for name, value in zip(self._standardised_names(), (loc, scale_tril)):
+            store[name] = value.detach().clone()
 
     def setup(self, *args: Any, **kwargs: Any) -> AutoCouplingFlow:
         """Build the guide's parameters for the model's arguments without sampling (what

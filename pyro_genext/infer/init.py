@@ -41,7 +41,6 @@ from pyro.infer.autoguide import AutoMultivariateNormal
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median, init_to_value
 from pyro.poutine.util import site_is_subsample
 
-from ..transforms import Chain
 from ..transforms.base import Bijector
 from ..transforms.linear import _softplus_inverse
 
@@ -454,9 +453,9 @@ def precondition(guide: Any, fit: Laplace, model: Callable[..., Any], *args: Any
     scale, the couplings) works in units of the posterior's sds, which is what Adam's
     steps of about ``lr`` per parameter need. (Writing the mode and scales into the learnt
     stage instead leaves a location whose sd is :math:`10^{-2}` jittering by ``lr`` per
-    step: measured in docs/real_models.rst.) To restore such a guide from a saved param
-    store, precondition a fresh guide with the same ``fit`` first: the fixed stage is a
-    buffer of the guide's flow, not a Pyro parameter.
+    step: measured in docs/real_models.rst.) The fixed stage is a buffer of the guide's
+    flow, recorded in Pyro's param store too (read by the guide, never optimised), so a
+    saved and loaded param store restores it in a fresh guide.
     Pyro's ``AutoMultivariateNormal`` gets the Laplace approximation in its own
     parameters (``loc``, ``scale``, ``scale_tril``).
 
@@ -521,5 +520,5 @@ def _precondition(guide: Any, fit: Laplace, model: Callable[..., Any], args: Any
         learnt: Any = guide.flow[-1]
         learnt.loc.zero_()
         learnt.raw_scale.copy_(_softplus_inverse(torch.ones_like(fit.loc)))
-        guide.flow = Chain([*guide.flow._parts, Standardised(fit.loc, chol)], cache_size=1)
+        guide._attach_standardised(fit.loc, chol)  # also into the param store: save/load keep it
     return guide
