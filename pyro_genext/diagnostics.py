@@ -549,7 +549,15 @@ class Diagnosis:
         )
 
 
-def _verdict(khat: float) -> str:
+#: the verdict is "good" whatever k-hat says when no weight exceeds this many times their mean
+NEARLY_EQUAL_WEIGHTS = 2.0
+
+
+def _verdict(khat: float, largest: float = math.inf) -> str:
+    if largest <= NEARLY_EQUAL_WEIGHTS:
+        return (f"good: every importance weight is within a factor {largest:.3g} of their mean, so the "
+                f"guide's draws are nearly posterior draws; k-hat ({khat:.2f}) reads the shape of a "
+                "tail this small and is no warning here")
     if not math.isfinite(khat) or khat >= 0.7:
         return ("not reliable (k-hat >= 0.7): the guide misses posterior mass; do not trust "
                 "its moments or the evidence; try a more flexible guide or MCMC")
@@ -569,9 +577,17 @@ def diagnose(
     The ELBO is the mean of the log weights; the gap from it to the log-evidence estimate
     is (for a good estimate) the KL divergence from the guide to the posterior. The
     verdict follows the :math:`\hat k` thresholds 0.5 and 0.7 of Yao et al. (2018,
-    arXiv:1802.02538), explained in the module docstring. :math:`\hat k` comes with its
-    bootstrap standard deviation (``khat_sd``): it moves by about 0.1 to 0.2 from one set
-    of draws to the next, so a verdict near a threshold may change with the seed.
+    arXiv:1802.02538), explained in the module docstring, unless no importance weight
+    exceeds :data:`NEARLY_EQUAL_WEIGHTS` (2) times their mean: then the effective sample
+    size is at least half the draws, the verdict is "good", and :math:`\hat k` is not
+    read as a warning. :math:`\hat k` measures the *shape* of the weights' upper tail,
+    whatever its size: for a guide equal to the posterior (every weight equal) the Pareto
+    fit gives :math:`\hat k = \infty`, and ``AutoRealNVP`` fitted by ``fit_guide`` on
+    posteriordb's ``nes1996`` gives :math:`\hat k = 1.17` with log weights of sd 0.019,
+    the largest weight 1.27 times the mean and an ESS of 1999 of 2000 (docs/posteriordb.rst).
+    :math:`\hat k` comes with its bootstrap standard deviation (``khat_sd``): it moves by
+    about 0.1 to 0.2 from one set of draws to the next, so a verdict near a threshold may
+    change with the seed.
 
     The model and guide must be vectorisable (runnable under an extra outer plate, as
     for ``Trace_ELBO(vectorize_particles=True)``); if they are not, a ``ValueError``
@@ -592,6 +608,7 @@ def diagnose(
     lw = samples.log_weights.double()
     ev = _log_evidence(lw)
     weights, k = _psis(lw)
+    raw = (lw - lw.max()).exp()
     result = Diagnosis(
         elbo=float(lw.mean()),
         elbo_stderr=float(lw.std() / math.sqrt(num_samples)),
@@ -600,7 +617,7 @@ def diagnose(
         khat=k,
         ess=float(1.0 / weights.pow(2).sum()),
         num_samples=num_samples,
-        verdict=_verdict(k),
+        verdict=_verdict(k, float(raw.max() / raw.mean())),
         khat_sd=pareto_khat_sd(lw),
     )
     if verbose:

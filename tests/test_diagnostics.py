@@ -137,6 +137,22 @@ def test_diagnose_prints_and_judges(capsys):
     assert bad.verdict.startswith("not reliable") and bad.ess < good.ess
 
 
+def test_a_guide_equal_to_the_posterior_is_judged_good():
+    # every weight equal: the Pareto fit of their tail gives k-hat = inf, which read alone
+    # said "not reliable: the guide misses posterior mass" of an exact guide
+    def prior_only():
+        pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    exact = AutoNormal(prior_only, init_loc_fn=init_to_value(values={"x": torch.zeros(3)}), init_scale=1.0)
+    d = diagnose(prior_only, exact, num_samples=1000, verbose=False)
+    assert not d.khat < 0.7  # what k-hat says of equal weights
+    assert d.verdict.startswith("good: every importance weight is within a factor 1 ")
+    assert d.ess == pytest.approx(1000)
+    # and weights that vary by more than a factor 2 are judged by k-hat as before
+    wide = diagnose(conjugate, gaussian_guide(0.3, 0.4), Y, num_samples=2000, verbose=False)
+    assert wide.verdict.startswith("not reliable")
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="num_samples to be an integer >= 2"):
         log_evidence(conjugate, AutoNormal(conjugate), Y, num_samples=1)
