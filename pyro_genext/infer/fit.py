@@ -323,9 +323,12 @@ def fit_guide(
             step 12, ``"laplace"`` within 0.023 reference sds of the means and 1.3 % of the
             sds on three seeds (docs/real_models.rst); ``"auto"`` chooses it on 38 of the
             39 posteriordb posteriors (all but eight schools, docs/posteriordb.rst). It costs an
-            L-BFGS run and a Hessian (:math:`D` gradient evaluations) before the first
-            step: 0.03-1.6 s on those posteriors without ODEs, 2-6 s with one. It runs the
-            model as written (with ``"auto"``, not for a model that subsamples its data).
+            L-BFGS run, a Hessian (:math:`D` gradient evaluations) and, with ``"auto"``,
+            128 model evaluations before the first step: 0.07-0.90 s on those posteriors
+            without ODEs, 3.6-7.3 s with one. It runs the model as written (with
+            ``"auto"``, not for a model that subsamples its data). ``"auto"`` judges a
+            guide whose ``init_loc_fn`` or ``init_scale`` you chose the same way, and may
+            replace that start; pass ``init=None`` to keep it.
         temper, temper_start: likelihood tempering (:mod:`~pyro_genext.infer.tempering`):
             for the first ``temper`` steps the observed sites' log-density (``obs=``
             and ``pyro.factor`` sites) is weighted by :math:`\beta` rising
