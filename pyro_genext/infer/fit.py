@@ -143,7 +143,7 @@ def _subsamples(model: Callable[..., Any], args: Any, kwargs: Any) -> bool:
     with poutine.block(), torch.no_grad(), pyro.validation_enabled(False):  # no draw: flat priors
         trace = poutine.trace(InitMessenger(init_to_support)(model)).get_trace(*args, **kwargs)
     return any(site["type"] == "sample" and poutine.util.site_is_subsample(site)
-               and site["value"].numel() < site["fn"].size  # type: ignore[union-attr]
+               and site["value"].numel() < site["fn"].size  # type: ignore[union-attr,attr-defined]
                for site in trace.nodes.values())
 
 
